@@ -1,0 +1,53 @@
+# mmrope front door. `make train` and `make test` set themselves up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines get the CPU build of torch (a local wheel here); CUDA machines get the default build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export WANDB_MODE ?= offline
+export PYTHONPATH := $(CURDIR):$(PYTHONPATH)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test test-fast lint format bench bench-gpu clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with torch (CPU build without CUDA) and all dependencies
+
+train: $(STAMP) ## run the embedded default: tiny Qwen2.5-VL, synthetic shards, ZeRO-2 on CPU (args: ARGS="rope=vanilla ...")
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP) ## run the test suite (unit + 2-rank integration on CPU)
+	$(PY) -m pytest -q --timeout 600 tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## unit tests only
+	$(PY) -m pytest -q --timeout 300 tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP) ## CPU benchmarks (tests/perf/bench_*.py); results go to tests/perf/RESULTS.md by hand
+	@for b in tests/perf/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-gpu: $(STAMP) ## GPU benchmarks (needs CUDA)
+	@$(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs CUDA')"
+	@for b in tests/perf/gpu_bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf runs outputs multirun .cache .pytest_cache .ruff_cache wandb

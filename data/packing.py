@@ -1,0 +1,94 @@
+"""Best-fit packing of samples into rows of at most `max_tokens` tokens, and row collation.
+
+A row is a plain dict of tensors (batch dimension 1):
+  input_ids [1, L], labels [1, L] (unshifted), position_ids [3, 1, L] (per-sample positions, concatenated),
+  cu_seqlens [S+1] int32 (sample boundaries), pixel_values [P, C] or absent, image_grid_thw [I, 3],
+  static_position_ids [3, 1, L] with DIPE, visual_mask [1, L] bool, num_samples int.
+Rows are not padded: attention and the loss work on cu_seqlens, so padding would only cost compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from data.processing import Sample
+
+
+class BestFitPacker:
+    """Streaming best-fit: keep up to `num_open` partially filled rows; put each sample into the open row it
+    fills most tightly; emit the fullest row when the pool overflows (and everything at the end).
+
+    Deterministic for a given input order. `state_dict()` returns the carried-over samples' keys so a resumed
+    stream can rebuild the pool (see data/loader.py).
+    """
+
+    def __init__(self, max_tokens: int, num_open: int = 8):
+        if max_tokens <= 0 or num_open <= 0:
+            raise ValueError("packing: max_tokens and num_open must be > 0")
+        self.max_tokens = max_tokens
+        self.num_open = num_open
+        self.rows: list[list[Sample]] = []
+
+    def _used(self, row: list[Sample]) -> int:
+        return sum(s.num_tokens for s in row)
+
+    def add(self, sample: Sample) -> list[list[Sample]]:
+        """Add a sample; returns the rows completed by it (possibly none)."""
+        if sample.num_tokens > self.max_tokens:
+            raise ValueError(
+                f"sample {sample.key} has {sample.num_tokens} tokens > max_tokens {self.max_tokens}"
+            )
+        best, best_left = None, None
+        for i, row in enumerate(self.rows):
+            left = self.max_tokens - self._used(row) - sample.num_tokens
+            if left >= 0 and (best_left is None or left < best_left):
+                best, best_left = i, left
+        if best is None:
+            self.rows.append([sample])
+        else:
+            self.rows[best].append(sample)
+        done = []
+        # A row that cannot take even a minimal sample is complete.
+        for row in [r for r in self.rows if self.max_tokens - self._used(r) < 16]:
+            self.rows.remove(row)
+            done.append(row)
+        while len(self.rows) > self.num_open:
+            fullest = max(self.rows, key=self._used)
+            self.rows.remove(fullest)
+            done.append(fullest)
+        return done
+
+    def flush(self) -> list[list[Sample]]:
+        done, self.rows = sorted(self.rows, key=self._used, reverse=True), []
+        return done
+
+
+def pack(samples: Iterable[Sample], max_tokens: int, num_open: int = 8) -> Iterator[list[Sample]]:
+    packer = BestFitPacker(max_tokens, num_open)
+    for s in samples:
+        yield from packer.add(s)
+    yield from packer.flush()
+
+
+def collate_row(samples: list[Sample], *, image_token_id: int, video_token_id: int) -> dict:
+    """Concatenate samples into one packed row (positions stay per sample: they restart at 0 in each)."""
+    input_ids = torch.cat([s.input_ids for s in samples])
+    lengths = torch.tensor([0] + [s.num_tokens for s in samples])
+    row = {
+        "input_ids": input_ids[None],
+        "labels": torch.cat([s.labels for s in samples])[None],
+        "position_ids": torch.cat([s.position_ids for s in samples], dim=-1)[:, None],
+        "cu_seqlens": lengths.cumsum(0).to(torch.int32),
+        "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]).long(),
+        "visual_mask": ((input_ids == image_token_id) | (input_ids == video_token_id))[None],
+        "num_samples": len(samples),
+        "sample_keys": [s.key for s in samples],
+    }
+    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+    if pixels:
+        row["pixel_values"] = torch.cat(pixels)
+    if samples[0].static_position_ids is not None:
+        row["static_position_ids"] = torch.cat([s.static_position_ids for s in samples], dim=-1)[:, None]
+    return row

@@ -1,0 +1,162 @@
+"""The tokenizer + image processor pair the data path uses, built locally or loaded from a checkpoint.
+
+Nothing is downloaded: for the tiny default we train a small byte-level BPE with the `tokenizers` library on
+the synthetic corpus and add the Qwen chat and vision special tokens; for real runs both parts come from a
+local checkpoint directory. We keep the two parts (tokenizer, `Qwen2VLImageProcessorPil`) instead of a
+`Qwen2_5_VLProcessor` object because the latter requires torchvision's video processor, which has no CPU
+build; the one thing the processor class adds (expanding each image placeholder to its visual token count)
+lives in `data/processing.py` and is tested against the grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# The Qwen2-VL family's special tokens (same strings as the real vocabulary; ids differ in the tiny tokenizer).
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+# Qwen2-VL chat format: `<|im_start|>role\n...<|im_end|>\n`, images as VS IMAGE_PAD VE inside the content.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@dataclass
+class VLProcessor:
+    """Tokenizer + image processor, plus the ids the position encodings need."""
+
+    tokenizer: PreTrainedTokenizerFast
+    image_processor: Qwen2VLImageProcessorPil
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.image_processor.merge_size)
+
+    def token_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no special token {token!r}; a Qwen-VL tokenizer is required")
+        return int(tid)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {
+            "image_token_id": self.token_id(IMAGE_PAD),
+            "video_token_id": self.token_id(VIDEO_PAD),
+            "vision_start_token_id": self.token_id(VISION_START),
+            "vision_end_token_id": self.token_id(VISION_END),
+            "pad_token_id": self.token_id(PAD),
+            "eos_token_id": self.token_id(IM_END),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def load_processor(
+    path: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None
+) -> VLProcessor:
+    """Load tokenizer and image processor from a local directory (never the hub)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"processor path {str(path)!r} is not a local directory")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    kwargs = {}
+    if min_pixels is not None and max_pixels is not None:
+        kwargs["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil", **kwargs)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return VLProcessor(tokenizer=tokenizer, image_processor=image_processor)
+
+
+def build_tiny_processor(
+    path: str | os.PathLike,
+    corpus: Iterable[str],
+    *,
+    vocab_size: int = 1024,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 140 * 140,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> VLProcessor:
+    """Train a small byte-level BPE on `corpus`, add the Qwen special tokens, save tokenizer + image processor.
+
+    Idempotent: if `path` already holds a processor built with the same settings it is loaded instead.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    settings = {
+        "vocab_size": vocab_size,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": patch_size,
+        "merge_size": merge_size,
+        "temporal_patch_size": temporal_patch_size,
+    }
+    stamp = path / "mmrope_processor.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return load_processor(path)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=IM_END,
+        pad_token=PAD,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=1 << 20,
+        chat_template=CHAT_TEMPLATE,
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
+    )
+    processor = VLProcessor(tokenizer=tokenizer, image_processor=image_processor)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    processor.save(tmp)
+    (tmp / "mmrope_processor.json").write_text(json.dumps(settings))
+    if path.exists():  # stale settings: replace atomically
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return load_processor(path)

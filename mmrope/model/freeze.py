@@ -1,0 +1,56 @@
+"""Freeze policy by module group and optimizer parameter groups.
+
+Groups: `vision` (ViT blocks + patch embedding), `connector` (the merger), `llm` (text model), `lm_head`.
+With tied embeddings the lm_head weight *is* the input embedding, so it follows the `llm` group.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from mmrope.train.config import FreezeConfig
+
+GROUPS = ("vision", "connector", "llm", "lm_head")
+
+
+def module_groups(model: nn.Module) -> OrderedDict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter in exactly one group (tied parameters are listed once, under `llm`)."""
+    groups: OrderedDict[str, list] = OrderedDict((g, []) for g in GROUPS)
+    for name, p in model.named_parameters():  # named_parameters() de-duplicates tied weights
+        if ".visual.merger." in f".{name}":
+            groups["connector"].append((name, p))
+        elif ".visual." in f".{name}":
+            groups["vision"].append((name, p))
+        elif name.startswith("lm_head."):
+            groups["lm_head"].append((name, p))
+        else:
+            groups["llm"].append((name, p))
+    unknown = [n for n, _ in groups["llm"] if "language_model" not in n]
+    if unknown:
+        raise ValueError(f"freeze policy: parameters outside the known groups: {unknown[:5]}")
+    return groups
+
+
+def apply_freeze(model: nn.Module, freeze: FreezeConfig) -> dict[str, dict[str, int]]:
+    """Set requires_grad per group; returns {group: {"trainable": n, "frozen": n}} parameter counts."""
+    counts = {}
+    for group, params in module_groups(model).items():
+        frozen = getattr(freeze, group)
+        for _, p in params:
+            p.requires_grad_(not frozen)
+        n = sum(p.numel() for _, p in params)
+        counts[group] = {"trainable": 0 if frozen else n, "frozen": n if frozen else 0}
+    if not any(c["trainable"] for c in counts.values()):
+        raise ValueError("config key `model.freeze`: every module group is frozen; nothing would train")
+    return counts
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms, biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,196 @@
+"""Checkpoints you can trust: the commit protocol.
+
+    stage to `step_N.tmp/` (DeepSpeed shards + one `rank_R.pt` of per-rank state per rank)
+      -> every rank reports success (all-reduce; any failure aborts the commit on all ranks)
+      -> rank 0 writes `manifest.json` (step, config hash, world size, files) into the staged folder
+      -> atomic rename `step_N.tmp/` -> `step_N/`
+      -> atomic replace of the `latest` pointer file.
+
+A folder without a manifest is never loaded, so a crash at any point leaves the previous committed step as
+`latest`. Retention (`keep_last`) never deletes what `latest` points to. Assumes the checkpoint directory is
+on a filesystem shared by all ranks (the usual cluster setup), since rank 0 commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+# Keys that must match to resume: changing any of them changes what the checkpoint means.
+RESUME_KEYS = (
+    "model.kind",
+    "model.family",
+    "model.path",
+    "model.vision_path",
+    "model.llm_path",
+    "model.tiny",
+    "model.freeze",
+    "rope",
+    "trainer.global_batch_size",
+    "trainer.micro_batch_size",
+    "data.shards",
+    "data.max_tokens",
+    "data.synthetic",
+    "deepspeed.stage",
+)
+
+
+def config_fingerprint(flat: dict) -> dict:
+    """The resume-relevant subset of a flattened config (`{"model.kind": ..., ...}`)."""
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS)}
+
+
+def config_hash(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, ckpt_dir: str | os.PathLike, *, rank: int, world_size: int, keep_last: int = 2):
+        self.dir = Path(ckpt_dir)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last = keep_last
+
+    # -- discovery -------------------------------------------------------------------------------------------
+    def committed(self) -> list[Path]:
+        """Committed checkpoints (with a manifest), oldest first."""
+        if not self.dir.is_dir():
+            return []
+        steps = [
+            p
+            for p in self.dir.glob("step_*")
+            if p.is_dir() and not p.name.endswith(".tmp") and (p / MANIFEST).is_file()
+        ]
+        return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            path = self.dir / pointer.read_text().strip()
+            if (path / MANIFEST).is_file():
+                return path
+        committed = self.committed()  # pointer missing or stale: fall back to the newest committed step
+        return committed[-1] if committed else None
+
+    # -- save --------------------------------------------------------------------------------------------------
+    def save(
+        self, engine, step: int, *, fingerprint: dict, rank_state: dict, extra: dict | None = None
+    ) -> Path:
+        name = f"step_{step}"
+        staged = self.dir / f"{name}.tmp"
+        final = self.dir / name
+        if self.rank == 0:
+            shutil.rmtree(staged, ignore_errors=True)  # leftovers of an earlier crash
+            self.dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        ok = True
+        try:
+            engine.save_checkpoint(str(self.dir), tag=staged.name, save_latest=False)
+            torch.save({"step": step, "rng": rng_state(), **rank_state}, staged / f"rank_{self.rank}.pt")
+        except Exception as e:  # report, so that no rank commits a partial checkpoint
+            print(f"[rank {self.rank}] checkpoint staging failed: {e!r}", flush=True)
+            ok = False
+        if not _all_ok(ok):
+            raise RuntimeError(
+                f"checkpoint {name}: staging failed on at least one rank; nothing was committed"
+            )
+        if self.rank == 0:
+            manifest = {
+                "step": step,
+                "world_size": self.world_size,
+                "config_hash": config_hash(fingerprint),
+                "config": fingerprint,
+                "time": time.time(),
+                **(extra or {}),
+                "files": sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()),
+            }
+            _atomic_write(staged / MANIFEST, json.dumps(manifest, indent=1, default=str))
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            _atomic_write(self.dir / LATEST, name)
+            self._retain()
+        if dist.is_initialized():
+            dist.barrier()
+        return final
+
+    def _retain(self) -> None:
+        keep = set(self.committed()[-self.keep_last :])
+        latest = self.latest()
+        for path in self.committed():
+            if path not in keep and path != latest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- load --------------------------------------------------------------------------------------------------
+    def check_compatible(self, path: Path, fingerprint: dict) -> dict:
+        manifest = json.loads((path / MANIFEST).read_text())
+        saved = manifest.get("config", {})
+        for key in sorted(set(saved) | set(fingerprint)):
+            if saved.get(key) != fingerprint.get(key):
+                raise ValueError(
+                    f"config key `{key}`: cannot resume from {path}: it was trained with {saved.get(key)!r}, the "
+                    f"current config has {fingerprint.get(key)!r}. Use a new trainer.run_name or trainer.resume=never."
+                )
+        if manifest["world_size"] != self.world_size:
+            raise ValueError(
+                f"world size changed ({manifest['world_size']} -> {self.world_size}): convert the checkpoint with "
+                f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder "
+                f"{path}_universal` and resume with deepspeed.overrides.checkpoint.load_universal=true"
+            )
+        return manifest
+
+    def load(self, engine, path: Path) -> dict:
+        """Load engine state (model, optimizer, scheduler) and this rank's state; returns the rank state."""
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
+        set_rng_state(state["rng"])
+        return state

@@ -1,0 +1,306 @@
+"""Typed configuration schemas for `train.py`.
+
+Hydra composes `configs/train.yaml` and its groups into a `DictConfig` checked against these dataclasses
+(unknown keys and wrong types fail at compose time). `validate(cfg)` then turns it into plain dataclass
+objects, running every `__post_init__`, so semantic errors (a bad LR range, a global batch that does not
+divide, an unknown encoding) surface before any model or data is touched, with the offending key named.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+MODEL_KINDS = ("tiny", "pretrained", "composed")
+MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+ATTN_BACKENDS = ("sdpa", "eager", "flex", "flash")
+PRECISIONS = ("auto", "bf16", "fp32")
+RESUME_MODES = ("auto", "must", "never")
+ERROR_POLICIES = ("raise", "skip")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config key `{key}`: {message}")
+
+
+def _one_of(value: Any, choices: tuple, key: str) -> None:
+    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny Qwen-VL built from config for the embedded default and the tests."""
+
+    # head_dim 128 like every real Qwen-VL, so the shipped rope configs ([16,24,24] = 64 rotary pairs) fit as is.
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    intermediate_size: int = 512
+    rope_theta: float = 1_000_000.0
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_num_heads: int = 2
+    vision_intermediate_size: int = 64
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.tiny.hidden_size",
+            "must be divisible by num_attention_heads",
+        )
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "model.tiny.num_key_value_heads",
+            "must divide num_attention_heads",
+        )
+        _require(
+            (self.hidden_size // self.num_attention_heads) % 2 == 0,
+            "model.tiny.hidden_size",
+            "head_dim (hidden_size / num_attention_heads) must be even for rotary embeddings",
+        )
+
+
+@dataclass
+class FreezeConfig:
+    """Which module groups train. Paper default: ViT frozen; connector and LLM (with lm_head) trained."""
+
+    vision: bool = True
+    connector: bool = False
+    llm: bool = False
+    lm_head: bool = False
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "tiny"  # tiny | pretrained (one local VLM checkpoint) | composed (ViT+connector from one, LLM from another)
+    family: str = "qwen2_5_vl"  # qwen2_5_vl | qwen3_vl
+    path: str | None = None  # kind=pretrained: local VLM checkpoint directory
+    vision_path: str | None = (
+        None  # kind=composed: local VLM checkpoint providing ViT + connector (+ processor)
+    )
+    llm_path: str | None = None  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
+    tokenizer_path: str | None = None  # default: the checkpoint's (or the locally built tiny tokenizer)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    attn_backend: str = "sdpa"
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, MODEL_KINDS, "model.kind")
+        _one_of(self.family, MODEL_FAMILIES, "model.family")
+        _one_of(self.attn_backend, ATTN_BACKENDS, "model.attn_backend")
+        if self.kind == "pretrained":
+            _require(
+                bool(self.path), "model.path", "is required when model.kind=pretrained (a local directory)"
+            )
+        if self.kind == "composed":
+            _require(bool(self.vision_path), "model.vision_path", "is required when model.kind=composed")
+            _require(bool(self.llm_path), "model.llm_path", "is required when model.kind=composed")
+        if self.kind == "tiny" and self.family != "qwen2_5_vl":
+            _require(
+                False,
+                "model.family",
+                "the tiny model is built as qwen2_5_vl; use kind=pretrained for qwen3_vl",
+            )
+
+
+@dataclass
+class RopeConfig:
+    """The position encoding: one file per encoding in configs/rope/ (see mmrope.encodings.build)."""
+
+    name: str = "mrope"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    dipe: bool = False  # DIPE inter-modal anchoring on top of any 3-axis encoding
+    layout: str | None = (
+        None  # video token layout: qwen2_5 (contiguous) | qwen3 (per frame); None = from model.family
+    )
+
+    def __post_init__(self) -> None:
+        from mmrope.encodings import available
+
+        _one_of(self.name, tuple(available()), "rope.name")
+        if self.layout is not None:
+            _one_of(self.layout, ("qwen2_5", "qwen3"), "rope.layout")
+        if self.dipe:
+            _require(
+                self.name not in ("vanilla", "v2pe"),
+                "rope.dipe",
+                f"DIPE needs a 3-axis encoding; {self.name!r} is 1D",
+            )
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated SFT set of the embedded default (written once as webdataset shards)."""
+
+    num_samples: int = 3000
+    samples_per_shard: int = 500
+    min_image_size: int = 56
+    max_image_size: int = 140
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # webdataset URLs (brace notation ok); empty = synthetic
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    cache_dir: str = ".cache"  # generated shards and the locally built tokenizer live here
+    max_tokens: int = 32768  # packing budget per row
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    system_prompt: str | None = None
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+    error_policy: str = "skip"  # raise | skip (eval data always raises)
+    max_skip_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_tokens >= 64, "data.max_tokens", f"must be >= 64, got {self.max_tokens}")
+        _require(
+            0 < self.min_pixels <= self.max_pixels,
+            "data.min_pixels",
+            "must satisfy 0 < min_pixels <= max_pixels",
+        )
+        _one_of(self.error_policy, ERROR_POLICIES, "data.error_policy")
+        _require(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
+
+    def __post_init__(self) -> None:
+        _one_of(self.stage, (0, 1, 2, 3), "deepspeed.stage")
+        if self.offload_param:
+            _require(self.stage == 3, "deepspeed.offload_param", "parameter offload needs ZeRO stage 3")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 3e-6
+    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "trainer.optim.lr", "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "trainer.optim.min_lr", f"must be in [0, lr={self.lr}]")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "trainer.optim.betas",
+            "must be two numbers in [0, 1)",
+        )
+        _require(self.warmup_steps >= 0, "trainer.optim.warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "trainer.optim.grad_clip", "must be >= 0 (0 disables)")
+
+
+@dataclass
+class WandbConfig:
+    project: str = "mmrope"
+    mode: str = "offline"  # online | offline | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("online", "offline", "disabled"), "trainer.wandb.mode")
+
+
+@dataclass
+class TrainerConfig:
+    run_name: str = (
+        "tiny-default"  # the run directory is output_dir/run_name: a requeued job finds its checkpoints
+    )
+    output_dir: str = "runs"
+    max_steps: int = 300
+    global_batch_size: int = 2  # packed rows per optimizer step, over all ranks and accumulation steps
+    micro_batch_size: int = 1  # packed rows per rank per forward (1: grow data.max_tokens instead)
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # auto | must | never
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.run_name) and "/" not in self.run_name,
+            "trainer.run_name",
+            "is required and must be a plain name (no '/')",
+        )
+        _require(self.max_steps > 0, "trainer.max_steps", "must be > 0")
+        _require(self.global_batch_size > 0, "trainer.global_batch_size", "must be > 0")
+        _require(
+            self.micro_batch_size == 1,
+            "trainer.micro_batch_size",
+            "must be 1: a micro batch is one packed row; raise data.max_tokens to put more samples in it",
+        )
+        _one_of(self.precision, PRECISIONS, "trainer.precision")
+        _one_of(self.resume, RESUME_MODES, "trainer.resume")
+        _require(self.save_every > 0, "trainer.save_every", "must be > 0")
+        _require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro steps per optimizer step so that rows/step equals trainer.global_batch_size exactly."""
+        per_step = self.trainer.micro_batch_size * world_size
+        if self.trainer.global_batch_size % per_step:
+            raise ValueError(
+                f"config key `trainer.global_batch_size`: {self.trainer.global_batch_size} is not divisible by "
+                f"micro_batch_size x world_size = {self.trainer.micro_batch_size} x {world_size}"
+            )
+        return self.trainer.global_batch_size // per_step
+
+    def rope_layout(self) -> str:
+        return self.rope.layout or ("qwen2_5" if self.model.family == "qwen2_5_vl" else "qwen3")
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/train.yaml` (defaults: `- train_schema`) is type-checked at compose time."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Compose-time DictConfig -> validated dataclasses. Raises ValueError naming the offending key."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, TrainConfig):  # composed without the schema (e.g. a plain OmegaConf.load)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    assert isinstance(obj, TrainConfig)
+    if obj.trainer.optim.warmup_steps > obj.trainer.max_steps:
+        raise ValueError(
+            f"config key `trainer.optim.warmup_steps`: {obj.trainer.optim.warmup_steps} exceeds "
+            f"trainer.max_steps={obj.trainer.max_steps}"
+        )
+    if not math.isfinite(obj.trainer.optim.lr):
+        raise ValueError("config key `trainer.optim.lr`: must be finite")
+    return obj

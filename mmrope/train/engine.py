@@ -1,0 +1,101 @@
+"""Distributed setup and the DeepSpeed engine (ZeRO 2/3, optional offload) with AdamW + cosine schedule."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mmrope.model.freeze import param_groups
+from mmrope.train.config import TrainConfig
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group started by torchrun / deepspeed / srun (or a 1-process group), gloo on CPU."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    if "RANK" not in os.environ:  # plain `python train.py`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and not torch.cuda.is_available():
+        raise ValueError("config key `trainer.precision`: bf16 needs a GPU here; use fp32 or auto on CPU")
+    return precision
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    t, ds = cfg.trainer, cfg.deepspeed
+    zero: dict = {"stage": ds.stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # export consolidates from shards instead
+    config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": t.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW: same math everywhere, no extension build
+        "bf16": {"enabled": resolve_precision(t.precision) == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, dict(ds.overrides))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int):
+    """DeepSpeed engine over `module` with AdamW (no decay on norms/biases) and cosine-to-min-LR schedule."""
+    import deepspeed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    o = cfg.trainer.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=cfg.trainer.max_steps, min_lr=o.min_lr
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,76 @@
+"""Metrics sinks on rank 0: wandb (offline by default), a local JSONL log, and a progress bar.
+
+The JSONL log (`<run_dir>/metrics.jsonl`, one object per logged step) is the source of truth for local
+reports (sweep tables, plots), so nothing depends on reaching a wandb server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mmrope.train.config import TrainConfig
+
+
+class Metrics:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, enabled: bool, start_step: int, flat_config: dict):
+        self.enabled = enabled
+        self.run = None
+        self.bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(run_dir / "metrics.jsonl", "a")
+        w = cfg.trainer.wandb
+        if w.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                project=w.project,
+                name=cfg.trainer.run_name,
+                id=cfg.trainer.run_name,
+                group=w.group,
+                tags=list(w.tags),
+                mode=w.mode,
+                dir=str(run_dir),
+                config=flat_config,
+                resume="allow",
+            )
+        self.bar = tqdm(
+            total=cfg.trainer.max_steps,
+            initial=start_step,
+            desc=cfg.trainer.run_name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.log_file.write(json.dumps({"step": step, **values}) + "\n")
+        self.log_file.flush()
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def progress(self, step: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.log_file.close()
+        if self.run is not None:
+            self.run.finish()

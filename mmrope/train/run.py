@@ -1,0 +1,191 @@
+"""Assemble a training run from a validated config: processor, data, model, engine, checkpoints, loop."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.loader import PackedRowStream, make_loader
+from data.processing import SampleProcessor
+from data.processor import VLProcessor, build_tiny_processor, load_processor
+from data.synthetic import corpus, write_synthetic_shards
+from mmrope.encodings import build as build_encoding
+from mmrope.model.build import build_model
+from mmrope.model.freeze import apply_freeze
+from mmrope.model.objective import SFTObjective
+from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
+from mmrope.train.config import TrainConfig
+from mmrope.train.engine import Dist, build_engine, init_distributed
+from mmrope.train.loop import Trainer, TrainResult
+from mmrope.train.metrics import Metrics
+
+
+def flatten(cfg: TrainConfig) -> dict:
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and k != "hparams":
+                yield from walk(v, key + ".")
+            else:
+                yield key, v
+
+    return dict(walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)))
+
+
+def _rank0_first(d: Dist, fn):
+    """Run `fn` on rank 0 (which writes caches), then on the other ranks (which read them)."""
+    if d.rank == 0:
+        out = fn()
+    if dist.is_initialized():
+        dist.barrier()
+    if d.rank != 0:
+        out = fn()
+    return out
+
+
+def make_processor(cfg: TrainConfig, d: Dist) -> VLProcessor:
+    m, data = cfg.model, cfg.data
+    if m.kind == "tiny" and not m.tokenizer_path:
+        return _rank0_first(
+            d,
+            lambda: build_tiny_processor(
+                Path(data.cache_dir) / "tiny_processor",
+                corpus(),
+                min_pixels=data.min_pixels,
+                max_pixels=data.max_pixels,
+                patch_size=m.tiny.patch_size,
+                merge_size=m.tiny.spatial_merge_size,
+                temporal_patch_size=m.tiny.temporal_patch_size,
+            ),
+        )
+    path = m.tokenizer_path or (m.path if m.kind == "pretrained" else m.vision_path)
+    return load_processor(path, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+
+
+def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:
+    if cfg.data.shards:
+        return list(cfg.data.shards)
+    s = cfg.data.synthetic
+    return _rank0_first(
+        d,
+        lambda: write_synthetic_shards(
+            Path(cfg.data.cache_dir) / "synthetic",
+            num_samples=s.num_samples,
+            samples_per_shard=s.samples_per_shard,
+            min_image_size=s.min_image_size,
+            max_image_size=s.max_image_size,
+            seed=s.seed,
+        ),
+    )
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+@dataclass
+class Session:
+    """Everything a run holds; `run()` trains it, tests and tools drive its parts directly."""
+
+    cfg: TrainConfig
+    dist: Dist
+    model: torch.nn.Module
+    engine: object
+    trainer: Trainer
+    ckpt: CheckpointManager
+    metrics: Metrics
+    processor: VLProcessor
+    start_step: int
+
+
+def build_session(cfg: TrainConfig) -> Session:
+    d = init_distributed()
+    seed_everything(cfg.trainer.seed, d.rank)
+    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
+    flat = flatten(cfg)
+
+    processor = make_processor(cfg, d)
+    encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
+    model = build_model(
+        cfg.model,
+        vocab_size=len(processor.tokenizer),
+        special_ids=processor.special_ids,
+        seed=cfg.trainer.seed,
+    )
+    counts = apply_freeze(model, cfg.model.freeze)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, _ = build_engine(SFTObjective(model, zero_stage=cfg.deepspeed.stage), cfg, d.world_size)
+
+    ckpt = CheckpointManager(
+        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
+    )
+    fingerprint = config_fingerprint(flat)
+    start_step, rows_done, rank_state = 0, 0, {}
+    latest = ckpt.latest()
+    if cfg.trainer.resume == "must" and latest is None:
+        raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
+    if latest is not None and cfg.trainer.resume != "never":
+        ckpt.check_compatible(latest, fingerprint)
+        rank_state = ckpt.load(engine, latest)
+        start_step = rank_state["step"]
+        rows_done = start_step * cfg.grad_accum_steps(d.world_size)
+
+    sample_processor = SampleProcessor(
+        processor,
+        encoding,
+        max_tokens=cfg.data.max_tokens,
+        layout=cfg.rope_layout(),
+        system_prompt=cfg.data.system_prompt,
+        dipe=cfg.rope.dipe,
+    )
+    stream = PackedRowStream(
+        shard_urls(cfg, d),
+        sample_processor,
+        max_tokens=cfg.data.max_tokens,
+        seed=cfg.data.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        error_policy=cfg.data.error_policy,
+    )
+    # The stream is a pure function of (seed, rank, worker): skipping the rows already trained on puts it at
+    # exactly the position of the checkpoint.
+    rows = itertools.islice(iter(make_loader(stream, cfg.data.num_workers)), rows_done, None)
+
+    metrics = Metrics(cfg, run_dir, enabled=d.is_main, start_step=start_step, flat_config=flat)
+    metrics.print(
+        f"run dir: {run_dir}  world size: {d.world_size}  rope: {cfg.rope.name}"
+        f"{' + DIPE' if cfg.rope.dipe else ''}  resume: {'step ' + str(start_step) if start_step else 'fresh'}"
+    )
+    for group, c in counts.items():
+        metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
+    trainer.tokens_seen = rank_state.get("tokens_seen", 0)
+    return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    s = build_session(cfg)
+    try:
+        result = s.trainer.train()
+    finally:
+        s.metrics.close()
+    d, ckpt, start_step = s.dist, s.ckpt, s.start_step
+    if d.is_main:
+        print(
+            f"first loss {result.first_loss:.4f} -> last loss {result.last_loss:.4f} after {result.steps_done} steps"
+            if result.first_loss is not None
+            else f"nothing to do: already at step {start_step}"
+        )
+        print(f"checkpoint: {ckpt.latest()}")
+    return result

@@ -1,0 +1,99 @@
+"""Every shipped YAML composes against the typed schema and validates; bad values name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mmrope.train.config import register_configs, validate
+from tests.conftest import ROOT
+
+CONFIGS = ROOT / "configs"
+# Values a user must supply (local paths, shard lists) are `???` in the YAML: fill them with dummies.
+DUMMY = {"shards": "['/data/shard-{000..003}.tar']"}
+
+
+def missing_values(node, prefix: str) -> list[str]:
+    out = []
+    for k, v in node.items_ex(resolve=False) if hasattr(node, "items_ex") else node.items():
+        key = f"{prefix}{k}"
+        if OmegaConf.is_dict(v):
+            out += missing_values(v, key + ".")
+        elif OmegaConf.is_missing(node, k):
+            out.append(f"{key}={DUMMY.get(k, '/models/' + k)}")
+    return out
+
+
+register_configs()
+
+
+def group_options() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        rel = path.relative_to(CONFIGS)
+        if rel.parts[0] == "hydra" or rel == Path("train.yaml"):
+            continue
+        out.append(("/".join(rel.parts[:-1]), rel.stem))
+    return out
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_there_is_something_to_compose():
+    groups = {g for g, _ in group_options()}
+    assert {"model", "rope", "data", "deepspeed", "trainer"} <= groups
+
+
+@pytest.mark.parametrize("group,option", group_options())
+def test_every_yaml_composes_and_validates(group, option):
+    raw = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    prefix = "" if group == "experiment" else f"{group.replace('/', '.')}."
+    extra = missing_values(raw, prefix)
+    cfg = validate(compose_cfg([f"{group}={option}", *extra]))
+    if group == "rope":
+        assert cfg.rope.name == OmegaConf.load(CONFIGS / "rope" / f"{option}.yaml").name
+
+
+def test_default_is_the_embedded_tiny_run():
+    cfg = validate(compose_cfg([]))
+    assert cfg.model.kind == "tiny" and not cfg.data.shards and cfg.trainer.wandb.mode == "offline"
+    assert cfg.deepspeed.stage == 2 and cfg.model.freeze.vision and not cfg.model.freeze.llm
+
+
+def test_issue_example_overrides_compose():
+    cfg = validate(compose_cfg(["rope=vanilla", "trainer.max_steps=20", "deepspeed=zero3"]))
+    assert (cfg.rope.name, cfg.trainer.max_steps, cfg.deepspeed.stage) == ("vanilla", 20, 3)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.optim.min_lr=1.0", "trainer.optim.min_lr"),
+        ("trainer.resume=sometimes", "trainer.resume"),
+        ("model.attn_backend=magic", "model.attn_backend"),
+        ("rope.name=nope", "rope.name"),
+        ("deepspeed.offload_param=true", "deepspeed.offload_param"),
+        ("data.error_policy=ignore", "data.error_policy"),
+        ("trainer.run_name=a/b", "trainer.run_name"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ValueError, match=f"`{key}`"):
+        validate(compose_cfg([override]))
+
+
+def test_unknown_key_fails_at_compose_time():
+    with pytest.raises(Exception, match="trainer.not_a_key"):
+        compose_cfg(["trainer.not_a_key=1"])
+
+
+def test_global_batch_must_divide():
+    cfg = validate(compose_cfg(["trainer.global_batch_size=3"]))
+    with pytest.raises(ValueError, match="trainer.global_batch_size"):
+        cfg.grad_accum_steps(world_size=2)
