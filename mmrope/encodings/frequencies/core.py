@@ -102,7 +102,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Base class: positions -> float32 (cos, sin); `apply`/`rotate` put them on q/k.
+    """Base class: positions -> float32 (cos, sin); `apply_tables`/`rotate` put them on q/k (not `apply`: that is
+    `nn.Module.apply(fn)`, which transformers and DeepSpeed call on the whole module tree).
 
     Subclasses implement `angles(pos_3BL) -> angles_BLn` (or `[B, H_kv, L, n]` when `per_head`), the float32
     angle of each pair. `forward` turns them into `emb = cat(angles, angles)` and returns `(emb.cos(),
@@ -156,7 +157,9 @@ class Rotary(nn.Module):
             emb = torch.cat((angles, angles), dim=-1)
             return emb.cos(), emb.sin()
 
-    def apply(self, q_BHLD: Tensor, k_BHkvLD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def apply_tables(
+        self, q_BHLD: Tensor, k_BHkvLD: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Rotate q [B, H, L, D] and k [B, H_kv, L, D] with (cos, sin) from `forward`; cos/sin are cast to
         q.dtype.
 
@@ -187,7 +190,7 @@ class Rotary(nn.Module):
     def rotate(self, q_BHLD: Tensor, k_BHkvLD: Tensor, pos_3BL: Tensor) -> tuple[Tensor, Tensor]:
         """The model seam's single entry point: positions in, rotated (q, k) out."""
         cos, sin = self(pos_3BL)
-        return self.apply(q_BHLD, k_BHkvLD, cos, sin)
+        return self.apply_tables(q_BHLD, k_BHkvLD, cos, sin)
 
     def extra_repr(self) -> str:
         return (

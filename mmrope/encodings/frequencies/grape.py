@@ -235,7 +235,9 @@ class LearnedGrapeRotary(Rotary):
             "tensors; call rotary.apply_qk(q, k, pos_3BL) (or rotary.rotate(q, k, pos_3BL)) instead"
         )
 
-    def apply(self, q_BHLD: Tensor, k_BHkvLD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def apply_tables(
+        self, q_BHLD: Tensor, k_BHkvLD: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor]:
         raise RuntimeError(
             f"GRAPE grape_mode={self.grape_mode!r} learned modes rotate q/k directly; "
             "use apply_qk(q, k, pos_3BL)"

@@ -140,7 +140,7 @@ def test_chunked_matches_hf_qwen2_5_vl():
     assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
 
     hf_q, hf_k = hf_25.apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
-    our_q, our_k = ours.apply(q, k, cos, sin)
+    our_q, our_k = ours.apply_tables(q, k, cos, sin)
     torch.testing.assert_close(our_q, hf_q, rtol=0, atol=1e-6)
     torch.testing.assert_close(our_k, hf_k, rtol=0, atol=1e-6)
     assert torch.equal(our_q, hf_q) and torch.equal(our_k, hf_k)
@@ -458,7 +458,7 @@ def test_apply_casts_to_q_dtype(allocation):
     pos = random_positions(seed=41)
     q, k = qk(num_heads=8, num_kv=4, D=64)
     cos, sin = ours(pos)
-    bq, bk = ours.apply(q.bfloat16(), k.bfloat16(), cos, sin)
+    bq, bk = ours.apply_tables(q.bfloat16(), k.bfloat16(), cos, sin)
     assert bq.dtype == bk.dtype == torch.bfloat16
     # Same arithmetic as HF: cos/sin cast to bf16 first, then q*cos + rotate_half(q)*sin in bf16.
     c = cos.bfloat16() if cos.ndim == 4 else cos.bfloat16()[:, None]
@@ -549,3 +549,18 @@ def test_bad_position_shape_raises():
     ours = make_rotary("chunked", head_dim=128, rope_theta=1e6)
     with pytest.raises(ValueError, match="position_ids"):
         ours(torch.zeros(4, 2, 5, dtype=torch.long))
+
+
+def test_module_tree_walk_still_works():
+    """`nn.Module.apply(fn)` (used by transformers' init and DeepSpeed) must reach every Rotary unharmed."""
+    from mmrope.encodings.frequencies import make_rotary
+
+    seen = []
+    for alloc, kw in [
+        ("chunked", {"mrope_section": [16, 24, 24]}),
+        ("multihead", {"mrope_section": [1, 1, 1], "num_key_value_heads": 3}),
+    ]:
+        rot = make_rotary(alloc, head_dim=128, rope_theta=1e6, **kw)
+        wrapper = torch.nn.Sequential(rot)
+        wrapper.apply(lambda m: seen.append(type(m).__name__))
+    assert len(seen) == 4 and seen.count("Sequential") == 2

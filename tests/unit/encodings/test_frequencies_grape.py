@@ -200,7 +200,7 @@ def test_learned_modes_have_no_cos_sin_and_need_3d_positions():
     with pytest.raises(RuntimeError, match="apply_qk"):
         rotary(small_positions())
     with pytest.raises(RuntimeError, match="apply_qk"):
-        rotary.apply(q, k, torch.ones(2, 9, 64), torch.zeros(2, 9, 64))
+        rotary.apply_tables(q, k, torch.ones(2, 9, 64), torch.zeros(2, 9, 64))
     with pytest.raises(ValueError, match="position_ids"):
         rotary.apply_qk(q, k, torch.arange(9).repeat(2, 1))
 
