@@ -10,23 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmrope.model.install import is_installed, seam_kwargs
 from mmrope.model.loss import linear_cross_entropy, shift_labels
-
-
-def packed_text_positions(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    """Per-sample 0..n-1 index over a packed row: [0,1,2, 0,1, 0,1,2,3] for lengths 3,2,4.
-
-    transformers derives its packed (block-diagonal causal) attention mask from this row when `position_ids`
-    has 4 rows (text row first), so samples never attend to each other.
-    """
-    idx_L = torch.arange(length, device=cu_seqlens.device)
-    starts_L = cu_seqlens[:-1].repeat_interleave(cu_seqlens.diff()).to(idx_L)
-    return idx_L - starts_L
 
 
 class SFTObjective(nn.Module):
     def __init__(self, vlm: nn.Module, *, loss_chunk_size: int = 4096, zero_stage: int = 0):
         super().__init__()
+        if not is_installed(vlm):
+            raise ValueError("vlm: install an mmrope encoding first (mmrope.model.install.install)")
         self.vlm = vlm
         self.loss_chunk_size = loss_chunk_size
         if zero_stage == 3:
@@ -39,15 +31,23 @@ class SFTObjective(nn.Module):
         tokens of the whole optimizer step, all ranks and micro-steps). None = this row's own count."""
         input_ids_1L = batch["input_ids"]
         cu_seqlens = batch["cu_seqlens"]
-        pos_3BL = batch["position_ids"]
-        text_1L = packed_text_positions(cu_seqlens, input_ids_1L.shape[-1])[None]
-        position_ids = torch.cat([text_1L[None].to(pos_3BL.dtype), pos_3BL], dim=0)  # [4, 1, L]
+        # Positions come with the batch (3 rows, per sample); packing goes to attention as cu_seqlens.
+        kw = seam_kwargs(
+            cu_seqlens=cu_seqlens,
+            static_position_ids=batch.get("static_position_ids"),
+            visual_mask_BL=batch.get("visual_mask") if batch.get("static_position_ids") is not None else None,
+        )
         out = self.vlm.model(
             input_ids=input_ids_1L,
-            position_ids=position_ids,
+            position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values"),
             image_grid_thw=batch.get("image_grid_thw") if batch.get("pixel_values") is not None else None,
+            pixel_values_videos=batch.get("pixel_values_videos"),
+            video_grid_thw=batch.get("video_grid_thw")
+            if batch.get("pixel_values_videos") is not None
+            else None,
             use_cache=False,
+            **kw,
         )
         hidden_LD = out.last_hidden_state[0]
         labels_L = shift_labels(batch["labels"], cu_seqlens)[0]

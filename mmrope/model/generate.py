@@ -1,0 +1,84 @@
+"""Greedy generation with a KV cache for a model with an installed mmrope encoding (and DIPE, spec dipe.md 9.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from mmrope.encodings import Encoding, TokenIds, anchored_positions
+from mmrope.model.install import is_installed, seam_kwargs, text_model
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    encoding: Encoding,
+    input_ids_BL: Tensor,
+    *,
+    pixel_values: Tensor | None = None,
+    image_grid_thw: Tensor | None = None,
+    attention_mask_BL: Tensor | None = None,
+    max_new_tokens: int,
+    tokens: TokenIds,
+    layout: str = "qwen3",
+    dipe: bool = False,
+) -> Tensor:
+    """Prompt + `max_new_tokens` greedy tokens, `[B, L + max_new_tokens]` (like HF `generate`; no early stop).
+
+    Prefill uses `encoding.position_ids` on the (left-padded) prompt; decode step `s` uses
+    `encoding.decode_position_ids(rope_deltas, L + s)`. DIPE: a new token is a text query with that dynamic
+    position and, as static position, the anchor of the last prompt token (constant during generation).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not is_installed(model):
+        raise ValueError("model: install an mmrope encoding first (mmrope.model.install.install)")
+    num_rows, prompt_len = input_ids_BL.shape
+    device = input_ids_BL.device
+    mask_BL = torch.ones_like(input_ids_BL) if attention_mask_BL is None else attention_mask_BL.to(device)
+    if not bool(mask_BL[:, -1].all()):
+        raise ValueError(
+            "attention_mask_BL: generation needs left padding (the last prompt column must be real)"
+        )
+    pos_3BL, rope_deltas_B1 = encoding.position_ids(
+        input_ids_BL, tokens=tokens, image_grid_thw=image_grid_thw, attention_mask_BL=mask_BL, layout=layout
+    )
+    pos_3BL = pos_3BL.to(device)
+    visual_BL = (input_ids_BL == tokens.image_token_id) | (input_ids_BL == tokens.video_token_id)
+    prefill_kw = seam_kwargs(attention_mask_BL=mask_BL)
+    if dipe:
+        static_3BL = anchored_positions(pos_3BL, visual_BL, mask_BL)
+        prefill_kw |= seam_kwargs(static_position_ids=static_3BL, visual_mask_BL=visual_BL)
+        anchor_3B1 = static_3BL[:, :, -1:]  # spec 9.3: static of the last prompt token, fixed while decoding
+
+    cache = DynamicCache(config=text_model(model).config)
+    out = model.model(
+        input_ids=input_ids_BL,
+        position_ids=pos_3BL,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        past_key_values=cache,
+        use_cache=True,
+        **prefill_kw,
+    )
+    next_B1 = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+    sequence_BN = torch.cat([input_ids_BL, next_B1], dim=1)
+    key_valid_BK, key_visual_BK = mask_BL.bool(), visual_BL
+    text_query_B1 = torch.zeros(num_rows, 1, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens - 1):
+        key_valid_BK = torch.cat([key_valid_BK, torch.ones_like(text_query_B1)], dim=1)
+        key_visual_BK = torch.cat([key_visual_BK, text_query_B1], dim=1)
+        cache_position_1 = torch.tensor([prompt_len + step], device=device)
+        pos_3B1 = encoding.decode_position_ids(rope_deltas_B1.to(device), cache_position_1).to(device)
+        step_kw = seam_kwargs(key_valid_BK=key_valid_BK)
+        if dipe:
+            step_kw |= seam_kwargs(
+                key_visual_BK=key_visual_BK, static_position_ids=anchor_3B1, visual_mask_BL=text_query_B1
+            )
+        out = model.model(
+            input_ids=next_B1, position_ids=pos_3B1, past_key_values=cache, use_cache=True, **step_kw
+        )
+        next_B1 = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+        sequence_BN = torch.cat([sequence_BN, next_B1], dim=1)
+    return sequence_BN[:, : prompt_len + max_new_tokens]

@@ -1,0 +1,322 @@
+"""The ONE seam between mmrope and transformers: `install(model, encoding)`.
+
+    model = build_model(cfg.model, ...)
+    install(model, build_encoding("mrope_i"), attn_backend="sdpa", dipe=False)
+    out = model.model(input_ids=ids_BL, position_ids=pos_3BL, **seam_kwargs(cu_seqlens=cu_seqlens))
+
+Module composition, no monkey-patching of transformers functions:
+- `language_model.rotary_emb` becomes `MMRopeRotaryEmbedding`, which holds the encoding's `Rotary` ONCE (GRAPE's
+  learned planes live there) and turns the 3-row `position_ids` into `(cos, sin)` tables, or passes the positions
+  through for GRAPE's learned modes (they rotate q/k directly, there is no table);
+- every text decoder layer's `self_attn` becomes `MMRopeAttention`, which REUSES the original q/k/v/o projections
+  (and Qwen3-VL's q_norm/k_norm) under the same attribute names, so `state_dict` keys stay stock. It rotates q/k
+  itself, puts ROTATED keys in the KV cache and calls `mmrope.attention.packed_attention` / `dipe_attention`;
+- the text config's `_attn_implementation` becomes "mmrope", registered in transformers' `AttentionInterface`.
+  It is not a mask implementation, so `masking_utils` returns `None` instead of building O(L^2) masks; the
+  registered function itself raises (being called means a layer was not installed).
+
+Packing, padding and DIPE inputs travel as `**kwargs` of the model forward down to `self_attn` (transformers 5.x
+forwards them); build them with `seam_kwargs`. Positions always arrive with the batch (3 rows): the model never
+re-derives them from token ids.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+
+from mmrope.attention import (
+    dipe_attention,
+    dipe_decode_attention,
+    doc_ids_from_attention_mask,
+    packed_attention,
+)
+from mmrope.encodings import Encoding
+
+ATTN_IMPLEMENTATION = "mmrope"
+ATTN_BACKENDS = ("eager", "sdpa", "sdpa_varlen", "flex", "flash")
+
+
+def _not_installed(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError(
+        f"attention implementation {ATTN_IMPLEMENTATION!r} was called by {type(module).__name__}: this layer was "
+        "not replaced by mmrope.model.install (only the text decoder's self_attn layers are)"
+    )
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _not_installed)
+
+
+def seam_kwargs(
+    *,
+    cu_seqlens: Tensor | None = None,
+    attention_mask_BL: Tensor | None = None,
+    static_position_ids: Tensor | None = None,
+    visual_mask_BL: Tensor | None = None,
+    key_valid_BK: Tensor | None = None,
+    key_visual_BK: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The keyword arguments an installed model's forward reads (None entries are left out).
+
+    Args:
+        cu_seqlens: packed sample boundaries over the flattened `B * L` tokens (e.g. `[0, 3, 5, 9]`).
+        attention_mask_BL: HF padding mask (1 = token, 0 = pad); each pad run becomes a sample of its own.
+        static_position_ids: DIPE anchored positions `[3, B, L]` of the queries of this call.
+        visual_mask_BL: DIPE, True at image/video placeholders among the queries of this call.
+        key_valid_BK, key_visual_BK: decoding with a KV cache: which cached keys are real tokens (False = left
+            padding) and which are visual, over all `K` keys in the cache after this call.
+    """
+    out: dict[str, Tensor] = {}
+    if attention_mask_BL is not None:
+        out["mmrope_doc_ids"] = doc_ids_from_attention_mask(attention_mask_BL)
+    for key, value in (
+        ("mmrope_cu_seqlens", cu_seqlens),
+        ("mmrope_static_position_ids", static_position_ids),
+        ("mmrope_visual_mask", visual_mask_BL),
+        ("mmrope_key_valid", key_valid_BK),
+        ("mmrope_key_visual", key_visual_BK),
+    ):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+class MMRopeRotaryEmbedding(nn.Module):
+    """Replaces the text model's `rotary_emb`: holds the encoding's Rotary once for all layers.
+
+    `forward(x, position_ids_3BL)` returns the float32 `(cos, sin)` tables, or, for GRAPE's learned modes (no
+    tables), the positions themselves; `MMRopeAttention` accepts both.
+    """
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+        self.returns_positions = hasattr(rotary, "apply_qk")  # GRAPE learned planes rotate q/k directly
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        if position_ids.ndim != 3 or position_ids.shape[0] != 3:
+            raise ValueError(
+                f"position_ids must be [3, B, L] for an mmrope model, got {tuple(position_ids.shape)}"
+            )
+        if self.returns_positions:
+            return position_ids
+        return self.rotary(position_ids)
+
+    def rotate(self, q_BHLD: Tensor, k_BHkvLD: Tensor, embedding: tuple[Tensor, Tensor] | Tensor):
+        if self.returns_positions:
+            return self.rotary.rotate(q_BHLD, k_BHkvLD, embedding)
+        cos, sin = embedding
+        return self.rotary.apply_tables(q_BHLD, k_BHkvLD, cos, sin)
+
+
+class MMRopeAttention(nn.Module):
+    """A text decoder self-attention with the mmrope encoding; reuses the stock layer's projections.
+
+    Calls:
+    - training / prefill (`q_len == k_len`): `packed_attention` (or `dipe_attention`) with sample ids from
+      `mmrope_cu_seqlens` or `mmrope_doc_ids` (none = one sample per row);
+    - decoding (`q_len < k_len`, keys from the cache): the last `q_len` queries against all cached keys, keys
+      masked by `mmrope_key_valid`; DIPE via `dipe_decode_attention` with `mmrope_key_visual`.
+    """
+
+    def __init__(
+        self,
+        stock: nn.Module,
+        rotary_emb: MMRopeRotaryEmbedding,
+        *,
+        attn_backend: str,
+        dipe: bool,
+    ) -> None:
+        super().__init__()
+        self.config = stock.config
+        self.layer_idx = stock.layer_idx
+        self.head_dim = stock.head_dim
+        self.scaling = stock.scaling
+        self.attention_dropout = stock.attention_dropout
+        self.is_causal = True
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            stock.q_proj,
+            stock.k_proj,
+            stock.v_proj,
+            stock.o_proj,
+        )
+        # Qwen3-VL normalises q/k per head before rotation; reuse the same modules (same state_dict keys).
+        self.q_norm = getattr(stock, "q_norm", None)
+        self.k_norm = getattr(stock, "k_norm", None)
+        self.attn_backend = attn_backend
+        self.dipe = dipe
+        # A plain reference, not a submodule: the Rotary is registered once, on the text model.
+        self._rotary_emb = (rotary_emb,)
+
+    def _project(self, proj: nn.Module, norm: nn.Module | None, x_BLd: Tensor) -> Tensor:
+        x_BLHD = proj(x_BLd).view(*x_BLd.shape[:-1], -1, self.head_dim)
+        if norm is not None:
+            x_BLHD = norm(x_BLHD)
+        return x_BLHD.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        position_embeddings: tuple[Tensor, Tensor] | Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        if attention_mask is not None:
+            raise RuntimeError(
+                "an mmrope model got a prepared attention mask; padding/packing must come through seam_kwargs "
+                "(the text config's _attn_implementation must stay 'mmrope')"
+            )
+        if position_embeddings is None:
+            raise RuntimeError("MMRopeAttention needs position_embeddings from MMRopeRotaryEmbedding")
+        rotary_emb = self._rotary_emb[0]
+        num_rows, q_len, _ = hidden_states.shape
+        q_BHLD = self._project(self.q_proj, self.q_norm, hidden_states)
+        k_BHkvLD = self._project(self.k_proj, self.k_norm, hidden_states)
+        v_BHkvLD = self._project(self.v_proj, None, hidden_states)
+
+        q_dyn_BHLD, k_rot_BHkvLD = rotary_emb.rotate(q_BHLD, k_BHkvLD, position_embeddings)
+        q_sta_BHLD = None
+        if self.dipe:
+            static_3BL = kwargs.get("mmrope_static_position_ids")
+            visual_BL = kwargs.get("mmrope_visual_mask")
+            if static_3BL is None or visual_BL is None:
+                raise ValueError(
+                    "DIPE is installed: the forward needs mmrope_static_position_ids and mmrope_visual_mask "
+                    "(seam_kwargs(static_position_ids=..., visual_mask_BL=...))"
+                )
+            # q rotated with the static (anchored) positions, for inter-modal pairs; its k is not used
+            q_sta_BHLD, _ = rotary_emb.rotate(q_BHLD, k_BHkvLD, rotary_emb(hidden_states, static_3BL))
+
+        if past_key_values is not None:  # the cache holds keys rotated once with their dynamic positions
+            k_rot_BHkvLD, v_BHkvLD = past_key_values.update(k_rot_BHkvLD, v_BHkvLD, self.layer_idx)
+
+        if k_rot_BHkvLD.shape[2] == q_len:
+            out_BLHD = self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
+        else:
+            out_BLHD = self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
+        return self.o_proj(out_BLHD.reshape(num_rows, q_len, -1)), None
+
+    def _full(self, q_dyn, q_sta, k, v, kwargs: dict[str, Any]) -> Tensor:
+        doc_ids_BL = kwargs.get("mmrope_doc_ids")
+        cu_seqlens = kwargs.get("mmrope_cu_seqlens")
+        if doc_ids_BL is not None and cu_seqlens is not None:
+            raise ValueError("pass either cu_seqlens (packed rows) or attention_mask_BL (padding), not both")
+        if not self.dipe:
+            return packed_attention(
+                q_dyn,
+                k,
+                v,
+                doc_ids_BL=doc_ids_BL,
+                cu_seqlens=cu_seqlens,
+                scale=self.scaling,
+                backend=self.attn_backend,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+            )
+        return dipe_attention(
+            q_dyn,
+            q_sta,
+            k,
+            v,
+            visual_BL=kwargs["mmrope_visual_mask"],
+            doc_ids_BL=doc_ids_BL,
+            cu_seqlens=cu_seqlens,
+            scale=self.scaling,
+            backend="eager" if self.attn_backend == "eager" else "routed",
+            inner_backend=self.attn_backend,
+        )
+
+    def _decode(self, q_dyn, q_sta, k, v, kwargs: dict[str, Any]) -> Tensor:
+        num_rows, num_keys = k.shape[0], k.shape[2]
+        key_valid_BK = kwargs.get("mmrope_key_valid")
+        if key_valid_BK is not None and tuple(key_valid_BK.shape) != (num_rows, num_keys):
+            raise ValueError(
+                f"mmrope_key_valid must be [B, K]={num_rows, num_keys}, got {tuple(key_valid_BK.shape)}"
+            )
+        if self.dipe:
+            key_visual_BK = kwargs.get("mmrope_key_visual")
+            if key_visual_BK is None:
+                raise ValueError("DIPE decoding needs mmrope_key_visual (seam_kwargs(key_visual_BK=...))")
+            return dipe_decode_attention(
+                q_dyn,
+                q_sta,
+                k,
+                v,
+                key_visual_BK=key_visual_BK,
+                key_valid_BK=key_valid_BK,
+                query_visual_BQ=kwargs["mmrope_visual_mask"],
+                scale=self.scaling,
+            )
+        # query t of the last Q sits at key index K - Q + t and sees keys j <= K - Q + t that are valid
+        num_queries = q_dyn.shape[2]
+        query_pos_Q = torch.arange(num_keys - num_queries, num_keys, device=q_dyn.device)
+        allowed_BQK = (torch.arange(num_keys, device=q_dyn.device)[None, :] <= query_pos_Q[:, None])[None]
+        if key_valid_BK is not None:
+            allowed_BQK = allowed_BQK & key_valid_BK.to(device=q_dyn.device, dtype=torch.bool)[:, None, :]
+        group = q_dyn.shape[1] // k.shape[1]
+        out_BHQD = F.scaled_dot_product_attention(
+            q_dyn,
+            k.repeat_interleave(group, dim=1),
+            v.repeat_interleave(group, dim=1),
+            attn_mask=allowed_BQK[:, None],
+            scale=self.scaling,
+        )
+        return out_BHQD.transpose(1, 2)
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of a `*ForConditionalGeneration` / `*Model` VLM (has `layers` and `rotary_emb`)."""
+    inner = getattr(model, "model", model)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "layers") or not hasattr(lm, "rotary_emb"):
+        raise ValueError(
+            f"model: {type(model).__name__} has no text model (model.language_model) to install into"
+        )
+    return lm
+
+
+def is_installed(model: nn.Module) -> bool:
+    return isinstance(text_model(model).rotary_emb, MMRopeRotaryEmbedding)
+
+
+def install(
+    model: nn.Module, encoding: Encoding, *, attn_backend: str = "sdpa", dipe: bool = False
+) -> nn.Module:
+    """Install `encoding` (and DIPE if `dipe`) into a Qwen2.5-VL / Qwen3-VL model in place; returns the model.
+
+    Raises ValueError naming the argument: unknown `attn_backend`, DIPE with a 1D encoding, an encoding whose
+    geometry does not fit the model (e.g. mhrope's num_key_value_heads), or a model installed twice.
+    """
+    if attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
+    if dipe and encoding.is_1d:
+        raise ValueError(f"dipe: DIPE needs a 3-axis encoding, got the 1D encoding {encoding.name!r}")
+    lm = text_model(model)
+    if isinstance(lm.rotary_emb, MMRopeRotaryEmbedding):
+        raise ValueError("model: an mmrope encoding is already installed")
+    config = lm.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    rotary = encoding.rotary(
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        partial_rotary_factor=rope.get("partial_rotary_factor", 1.0) or 1.0,
+        num_key_value_heads=config.num_key_value_heads,
+    )
+    # The encoding caches its Rotary; each model gets its own copy (GRAPE's planes are parameters).
+    device = lm.embed_tokens.weight.device
+    rotary_emb = MMRopeRotaryEmbedding(copy.deepcopy(rotary)).to(device)
+    lm.rotary_emb = rotary_emb
+    for layer in lm.layers:
+        layer.self_attn = MMRopeAttention(layer.self_attn, rotary_emb, attn_backend=attn_backend, dipe=dipe)
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    if hasattr(lm, "_attn_implementation"):
+        lm._attn_implementation = ATTN_IMPLEMENTATION
+    return model

@@ -1,0 +1,36 @@
+"""Activation checkpointing (recomputation) on the LLM decoder layers, at a chosen granularity.
+
+Only the LLM is checkpointed: the frozen ViT's forward records no graph at all (no parameter or input of it
+requires grad), so there is nothing to store or recompute there.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+MODES = ("none", "all", "every_k")
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> list[int]:
+    """Checkpoint every LLM decoder layer (`all`), every `every`-th one (`every_k`), or none.
+
+    Returns the indices of checkpointed layers. Uses transformers' own `GradientCheckpointingLayer` switch
+    (non-reentrant `torch.utils.checkpoint`), then turns it off on the layers that should keep activations.
+    """
+    if mode not in MODES:
+        raise ValueError(
+            f"config key `model.activation_checkpointing`: must be one of {list(MODES)}, got {mode!r}"
+        )
+    if mode == "every_k" and every < 1:
+        raise ValueError("config key `model.activation_checkpointing_every`: must be >= 1")
+    text_model = model.model.language_model
+    if mode == "none":
+        return []
+    text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chosen = []
+    for i, layer in enumerate(text_model.layers):
+        on = mode == "all" or i % every == every - 1
+        layer.gradient_checkpointing = on
+        if on:
+            chosen.append(i)
+    return chosen
