@@ -20,8 +20,8 @@ class BestFitPacker:
     """Streaming best-fit: keep up to `num_open` partially filled rows; put each sample into the open row it
     fills most tightly; emit the fullest row when the pool overflows (and everything at the end).
 
-    Deterministic for a given input order. `state_dict()` returns the carried-over samples' keys so a resumed
-    stream can rebuild the pool (see data/loader.py).
+    Deterministic for a given input order. The open rows are part of the loader's resumable state: the loader
+    saves their samples' (url, key) names and rebuilds `rows` from them (see data/loader.py).
     """
 
     def __init__(self, max_tokens: int, num_open: int = 8):
@@ -49,15 +49,13 @@ class BestFitPacker:
             self.rows.append([sample])
         else:
             self.rows[best].append(sample)
-        done = []
-        # A row that cannot take even a minimal sample is complete.
-        for row in [r for r in self.rows if self.max_tokens - self._used(r) < 16]:
-            self.rows.remove(row)
-            done.append(row)
+        # A row that cannot take even a minimal sample is complete. (Rows are taken out by position: list
+        # equality would compare the samples' tensors.)
+        done = [r for r in self.rows if self.max_tokens - self._used(r) < 16]
+        self.rows = [r for r in self.rows if self.max_tokens - self._used(r) >= 16]
         while len(self.rows) > self.num_open:
-            fullest = max(self.rows, key=self._used)
-            self.rows.remove(fullest)
-            done.append(fullest)
+            fullest = max(range(len(self.rows)), key=lambda i: self._used(self.rows[i]))
+            done.append(self.rows.pop(fullest))
         return done
 
     def flush(self) -> list[list[Sample]]:

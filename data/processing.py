@@ -41,6 +41,7 @@ class Sample:
     pixel_values: torch.Tensor | None = None  # [num_patches, C * temporal_patch * patch * patch]
     image_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     static_position_ids: torch.Tensor | None = None  # [3, L] DIPE anchored positions
+    url: str = ""  # the shard it came from: (url, key) names the record for a resumed loader
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +117,17 @@ class SampleProcessor:
                 or "content" not in m
             ):
                 raise SampleError("missing_field", f"malformed message {m!r:.80}")
+            content = m["content"]
+            if not isinstance(content, str) and not (
+                isinstance(content, list)
+                and all(
+                    isinstance(p, dict) and (p.get("type") != "text" or isinstance(p.get("text"), str))
+                    for p in content
+                )
+            ):
+                raise SampleError(
+                    "bad_structure", f"content must be a string or a list of parts: {content!r:.80}"
+                )
         if not any(m["role"] == "assistant" for m in messages):
             raise SampleError("no_labels", "no assistant turn")
         if self.system_prompt and messages[0]["role"] != "system":
@@ -153,7 +165,10 @@ class SampleProcessor:
         images = self._images(record, messages)
         pixel_values, grid_thw = None, torch.zeros(0, 3, dtype=torch.long)
         if images:
-            out = self.processor.image_processor(images=images, return_tensors="pt")
+            try:
+                out = self.processor.image_processor(images=images, return_tensors="pt")
+            except ValueError as e:  # e.g. smart_resize on a degenerate size or aspect ratio
+                raise SampleError("bad_image", f"image processor: {e}") from e
             pixel_values, grid_thw = out["pixel_values"], out["image_grid_thw"].long()
         num_visual = (grid_thw.prod(-1) // self.merge_area).tolist()
 
@@ -207,4 +222,5 @@ class SampleProcessor:
             pixel_values=pixel_values,
             image_grid_thw=grid_thw,
             static_position_ids=static,
+            url=str(record.get("__url__", "")),
         )

@@ -1,0 +1,326 @@
+"""Convert LLaVA / ShareGPT / messages JSON(L) into the project's webdataset shards.
+
+    python -m data.convert --input llava.json --image-root /data/images --out /data/shards \\
+        [--format auto|llava|sharegpt|messages] [--max-shard-bytes 1e9] [--max-shard-samples 100000]
+
+Input records (one JSON list, or JSONL):
+  llava     {"id": .., "image": "a.jpg" | ["a.jpg", ...], "video": ["f0.jpg", ...] (frames),
+             "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": ..}]}
+  sharegpt  the same turns under "conversations" (or "messages" with from/value), images under "images"
+  messages  {"messages": [{"role": "user", "content": "<image>.." | [{"type": "image", "image": "a.jpg"},
+             {"type": "text", "text": ..}]}, ...], "images": [...]}
+`<image>` / `<video>` placeholders mark where the media go; LLaVA-style records with fewer placeholders than
+images get the missing ones at the start of the first user turn.
+
+Output, per accepted record: `<key>.json` {"messages": [...], "id": original id} whose image parts reference
+members `<key>.img0.<ext>` (bytes copied unchanged), video parts `{"type": "video", "video": [frame members]}`
+(`<key>.vid0.f000.<ext>`, ...). Video samples are converted, but processing them needs torchvision's video
+processor, so on CPU-only installs training skips them as `unsupported_video`.
+`--max-shard-bytes` bounds the member payload per shard (webdataset's ShardWriter maxsize; tar headers add
+~1 KiB per member on top). Also written: `index.json` (per-shard sample counts, rejects by reason) and `rejected.jsonl` (one line per
+rejected record: index, id, reason, detail). Reasons: bad_json, bad_structure, missing_image, bad_image,
+placeholder_mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+FORMATS = ("auto", "llava", "sharegpt", "messages")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PLACEHOLDER = re.compile(r"(<image>|<video>)")
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    """(index, record or None, error detail) for a JSON list or a JSONL file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        for i, line in enumerate(line for line in text.splitlines() if line.strip()):
+            try:
+                yield i, json.loads(line), ""
+            except json.JSONDecodeError as e:
+                yield i, None, str(e)
+        return
+    for i, rec in enumerate(json.loads(text)):
+        yield i, rec, ""
+
+
+def detect_format(rec: dict) -> str:
+    if "conversations" in rec:
+        return "llava" if ("image" in rec or "video" in rec or "images" not in rec) else "sharegpt"
+    if isinstance(rec.get("messages"), list) and rec["messages"] and "from" in rec["messages"][0]:
+        return "sharegpt"
+    return "messages"
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
+    """(role, content) pairs; content is a string or (messages format) a list of parts."""
+    if fmt in ("llava", "sharegpt"):
+        turns = rec.get("conversations", rec.get("messages"))
+        if not isinstance(turns, list) or not turns:
+            raise Reject("bad_structure", "no 'conversations' list")
+        out = []
+        for t in turns:
+            if (
+                not isinstance(t, dict)
+                or ROLES.get(t.get("from")) is None
+                or not isinstance(t.get("value"), str)
+            ):
+                raise Reject("bad_structure", f"malformed turn {t!r:.80}")
+            out.append((ROLES[t["from"]], t["value"]))
+        if rec.get("system") and out[0][0] != "system":
+            out.insert(0, ("system", str(rec["system"])))
+        return out
+    turns = rec.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise Reject("bad_structure", "no 'messages' list")
+    out = []
+    for t in turns:
+        if (
+            not isinstance(t, dict)
+            or ROLES.get(t.get("role")) is None
+            or not isinstance(t.get("content"), (str, list))
+        ):
+            raise Reject("bad_structure", f"malformed message {t!r:.80}")
+        out.append((ROLES[t["role"]], t["content"]))
+    return out
+
+
+def _read_image(root: Path, ref: str) -> tuple[bytes, str]:
+    path = Path(ref) if os.path.isabs(ref) else root / ref
+    if not path.is_file():
+        raise Reject("missing_image", str(ref))
+    blob = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.load()
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise Reject("bad_image", f"{ref}: {e}") from e
+    ext = path.suffix.lower().lstrip(".") or "jpg"
+    return blob, re.sub(r"[^a-z0-9]", "", ext) or "jpg"
+
+
+def convert_record(rec: dict, fmt: str, image_root: Path, key: str) -> dict:
+    """One source record -> one webdataset sample dict (`__key__`, `json`, media members). Raises Reject."""
+    if not isinstance(rec, dict):
+        raise Reject("bad_structure", f"record is {type(rec).__name__}, not an object")
+    fmt = detect_format(rec) if fmt == "auto" else fmt
+    turns = _turns(rec, fmt)
+    images = _as_list(rec.get("image")) + _as_list(rec.get("images"))
+    videos = rec.get("video", rec.get("videos"))
+    videos = (
+        [videos] if videos and isinstance(videos, list) and isinstance(videos[0], str) else _as_list(videos)
+    )
+    if not all(isinstance(r, str) for r in images) or not all(
+        isinstance(v, list) and v and all(isinstance(f, str) for f in v) for v in videos
+    ):
+        raise Reject("bad_structure", "images must be paths; videos must be lists of frame paths")
+    if not any(role == "assistant" for role, _ in turns):
+        raise Reject("bad_structure", "no assistant turn")
+
+    sample: dict = {"__key__": key}
+    media = {"image": iter(range(len(images))), "video": iter(range(len(videos)))}
+    used = Counter()
+
+    def image_part(ref: str | None = None) -> dict:
+        if ref is None:
+            i = next(media["image"], None)
+            if i is None:
+                raise Reject(
+                    "placeholder_mismatch", f"more <image> placeholders than the {len(images)} images"
+                )
+            ref = images[i]
+        n = used["image"]
+        used["image"] += 1
+        blob, ext = _read_image(image_root, ref)
+        sample[f"img{n}.{ext}"] = blob
+        return {"type": "image", "image": f"img{n}.{ext}"}
+
+    def video_part(frames: list[str] | None = None) -> dict:
+        if frames is None:
+            i = next(media["video"], None)
+            if i is None:
+                raise Reject(
+                    "placeholder_mismatch", f"more <video> placeholders than the {len(videos)} videos"
+                )
+            frames = videos[i]
+        n = used["video"]
+        used["video"] += 1
+        names = []
+        for j, ref in enumerate(frames):
+            blob, ext = _read_image(image_root, ref)
+            name = f"vid{n}.f{j:03d}.{ext}"
+            sample[name] = blob
+            names.append(name)
+        return {"type": "video", "video": names}
+
+    def split(text: str) -> list[dict]:
+        parts = []
+        for piece in PLACEHOLDER.split(text):
+            if piece == "<image>":
+                parts.append(image_part())
+            elif piece == "<video>":
+                parts.append(video_part())
+            elif piece.strip("\n"):
+                parts.append({"type": "text", "text": piece.strip("\n")})
+        return parts
+
+    messages = []
+    for role, content in turns:
+        if isinstance(content, list):  # messages format with explicit parts
+            parts = []
+            for p in content:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind == "image":
+                    ref = p.get("image") or p.get("path") or p.get("url")
+                    parts.append(image_part(ref) if isinstance(ref, str) else image_part())
+                elif kind == "video":
+                    frames = p.get("video")
+                    parts.append(video_part(frames) if isinstance(frames, list) else video_part())
+                else:
+                    raise Reject("bad_structure", f"unknown content part {p!r:.80}")
+        elif role == "user" and PLACEHOLDER.search(content):
+            parts = split(content)
+        elif PLACEHOLDER.search(content):
+            raise Reject("placeholder_mismatch", f"media placeholder in a {role} turn")
+        else:
+            parts = None
+        if parts is None or (role != "user" and all(p["type"] == "text" for p in parts)):
+            text = content if parts is None else "".join(p["text"] for p in parts)
+            messages.append({"role": role, "content": text})
+        else:
+            messages.append({"role": role, "content": parts})
+
+    # LLaVA convention: images without a placeholder go first into the first user turn.
+    leftover = [image_part() for _ in range(len(images) - used["image"])]
+    leftover += [video_part() for _ in range(len(videos) - used["video"])]
+    if leftover:
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            raise Reject("bad_structure", "media but no user turn")
+        content = first["content"]
+        first["content"] = leftover + (
+            content if isinstance(content, list) else [{"type": "text", "text": content}]
+        )
+    meta = {"messages": messages}
+    if "id" in rec:
+        meta["id"] = rec["id"]
+    sample["json"] = json.dumps(meta, ensure_ascii=False).encode()
+    return sample
+
+
+def convert(
+    inputs: list[Path],
+    image_root: Path,
+    out_dir: Path,
+    *,
+    fmt: str = "auto",
+    max_shard_bytes: float = 1e9,
+    max_shard_samples: int = 100_000,
+    progress: bool = True,
+) -> dict:
+    """Write shards + index.json + rejected.jsonl under out_dir; returns the index."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    if max_shard_bytes <= 0 or max_shard_samples <= 0:
+        raise ValueError("--max-shard-bytes and --max-shard-samples must be > 0")
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_shard: Counter = Counter()
+    rejected: Counter = Counter()
+    num_written = 0
+    with (
+        open(out_dir / "rejected.jsonl", "w") as report,
+        wds.ShardWriter(
+            str(out_dir / "shard-%06d.tar"), maxcount=max_shard_samples, maxsize=max_shard_bytes, verbose=0
+        ) as sink,
+    ):
+        bar = tqdm(desc="convert", unit="rec", disable=not progress)
+        for source in inputs:
+            for index, rec, error in read_records(source):
+                bar.update(1)
+                try:
+                    if rec is None:
+                        raise Reject("bad_json", error)
+                    sample = convert_record(rec, fmt, image_root, key=f"{num_written:09d}")
+                except Reject as e:
+                    rejected[e.reason] += 1
+                    rid = rec.get("id") if isinstance(rec, dict) else None
+                    line = {
+                        "source": str(source),
+                        "index": index,
+                        "id": rid,
+                        "reason": e.reason,
+                        "detail": e.detail,
+                    }
+                    report.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                    continue
+                sink.write(sample)
+                per_shard[Path(sink.fname).name] += 1
+                num_written += 1
+                bar.set_postfix(ok=num_written, rejected=sum(rejected.values()))
+        bar.close()
+    # ShardWriter opens its first shard eagerly: drop it if nothing went in.
+    for tar in out_dir.glob("shard-*.tar"):
+        if tar.name not in per_shard:
+            tar.unlink()
+    index = {
+        "shards": [{"name": name, "num_samples": n} for name, n in sorted(per_shard.items())],
+        "num_samples": num_written,
+        "num_rejected": sum(rejected.values()),
+        "rejected": dict(rejected),
+    }
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__.splitlines()[0])
+    ap.add_argument("--input", nargs="+", required=True, type=Path, help="JSON list or JSONL file(s)")
+    ap.add_argument("--image-root", required=True, type=Path, help="relative image/frame paths start here")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--format", default="auto", choices=FORMATS)
+    ap.add_argument("--max-shard-bytes", type=float, default=1e9)
+    ap.add_argument("--max-shard-samples", type=int, default=100_000)
+    args = ap.parse_args(argv)
+    index = convert(
+        args.input,
+        args.image_root,
+        args.out,
+        fmt=args.format,
+        max_shard_bytes=args.max_shard_bytes,
+        max_shard_samples=args.max_shard_samples,
+    )
+    print(
+        f"{index['num_samples']} samples in {len(index['shards'])} shard(s) under {args.out}; "
+        f"{index['num_rejected']} rejected {index['rejected']} (see rejected.jsonl)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""data.convert: LLaVA / ShareGPT / messages JSON -> shards whose records equal the source, rejects reported."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import webdataset as wds
+from PIL import Image
+
+from data.convert import convert, main
+
+
+def _png(w: int, h: int, colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _read(out_dir) -> dict[str, dict]:
+    urls = sorted(str(p) for p in out_dir.glob("shard-*.tar"))
+    return {r["__key__"]: r for r in wds.tarfile_to_samples()([{"url": u} for u in urls])}
+
+
+def test_llava_json_round_trips_text_and_image_bytes(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    blobs = {f"a{i}.png": _png(20 + i, 30, (10 * i, 0, 0)) for i in range(4)}
+    for name, blob in blobs.items():
+        (root / name).write_bytes(blob)
+    (root / "broken.jpg").write_bytes(b"not an image")
+    source = [
+        {
+            "id": "one",
+            "image": "a0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "Red."},
+            ],
+        },
+        {
+            "id": "two",
+            "image": ["a1.png", "a2.png"],
+            "conversations": [
+                {"from": "human", "value": "Compare <image> and <image>."},
+                {"from": "gpt", "value": "Same."},
+                {"from": "human", "value": "Sure?"},
+                {"from": "gpt", "value": "Yes."},
+            ],
+        },
+        {"id": "three", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+        {
+            "id": "four",
+            "image": "a3.png",  # no placeholder: the image goes first in the first user turn
+            "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Dark."}],
+        },
+        {
+            "id": "vid",
+            "video": ["a0.png", "a1.png"],
+            "conversations": [
+                {"from": "human", "value": "<video>What happens?"},
+                {"from": "gpt", "value": "X."},
+            ],
+        },
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}],
+        },
+        {
+            "id": "broken",
+            "image": "broken.jpg",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}],
+        },
+        {"id": "noanswer", "conversations": [{"from": "human", "value": "hi"}]},
+        {
+            "id": "extra",
+            "image": "a0.png",
+            "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "?"}],
+        },
+        ["not", "a", "record"],
+    ]
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps(source))
+    out = tmp_path / "shards"
+    main(["--input", str(src), "--image-root", str(root), "--out", str(out), "--max-shard-bytes", "150"])
+
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_samples"] == 5 and len(index["shards"]) >= 2  # the size bound split the output
+    assert sum(s["num_samples"] for s in index["shards"]) == 5
+    assert index["rejected"] == {
+        "missing_image": 1,
+        "bad_image": 1,
+        "bad_structure": 2,
+        "placeholder_mismatch": 1,
+    }
+    report = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert {(r["id"], r["reason"]) for r in report if r["id"]} >= {
+        ("missing", "missing_image"),
+        ("broken", "bad_image"),
+    }
+
+    records = _read(out)
+    by_id = {json.loads(r["json"])["id"]: r for r in records.values()}
+    assert set(by_id) == {"one", "two", "three", "four", "vid"}
+
+    def msgs(rid):
+        return json.loads(by_id[rid]["json"])["messages"]
+
+    one = msgs("one")
+    assert one[0]["content"] == [
+        {"type": "image", "image": "img0.png"},
+        {"type": "text", "text": "What is it?"},
+    ]
+    assert one[1] == {"role": "assistant", "content": "Red."}
+    assert by_id["one"]["img0.png"] == blobs["a0.png"]
+    two = msgs("two")
+    assert two[0]["content"] == [
+        {"type": "text", "text": "Compare "},
+        {"type": "image", "image": "img0.png"},
+        {"type": "text", "text": " and "},
+        {"type": "image", "image": "img1.png"},
+        {"type": "text", "text": "."},
+    ]
+    assert by_id["two"]["img0.png"] == blobs["a1.png"] and by_id["two"]["img1.png"] == blobs["a2.png"]
+    assert [m["content"] for m in two[1:]] == ["Same.", "Sure?", "Yes."]
+    assert msgs("three") == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert msgs("four")[0]["content"][0] == {"type": "image", "image": "img0.png"}
+    assert by_id["four"]["img0.png"] == blobs["a3.png"]
+    video = msgs("vid")[0]["content"][0]
+    assert video["type"] == "video" and [by_id["vid"][f] for f in video["video"]] == [
+        blobs["a0.png"],
+        blobs["a1.png"],
+    ]
+
+
+def test_messages_jsonl_and_bad_lines(tmp_path):
+    (tmp_path / "x.png").write_bytes(_png(8, 8, (0, 9, 0)))
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Colour?"}],
+                    },
+                    {"role": "assistant", "content": "Green."},
+                ]
+            }
+        ),
+        "{truncated",
+        json.dumps({"messages": [{"role": "robot", "content": "?"}]}),
+    ]
+    src = tmp_path / "m.jsonl"
+    src.write_text("\n".join(lines))
+    index = convert([src], tmp_path, tmp_path / "out", progress=False)
+    assert index["num_samples"] == 1 and index["rejected"] == {"bad_json": 1, "bad_structure": 1}
+    (record,) = _read(tmp_path / "out").values()
+    messages = json.loads(record["json"])["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert messages[1]["content"][0] == {"type": "image", "image": "img0.png"}
+    assert record["img0.png"] == (tmp_path / "x.png").read_bytes()
+
+
+def test_converted_shards_train(tmp_path, tiny_processor):
+    """Converted shards feed the loader; the video sample is a counted `unsupported_video` skip on CPU."""
+    from data.loader import PackedRowStream
+    from data.processing import SampleProcessor
+    from mmrope.encodings import build
+
+    (tmp_path / "x.png").write_bytes(_png(64, 56, (200, 0, 0)))
+    rows = [
+        {
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour?"},
+                {"from": "gpt", "value": "It is red."},
+            ],
+        },
+        {
+            "video": ["x.png", "x.png"],
+            "conversations": [
+                {"from": "human", "value": "<video>What shape?"},
+                {"from": "gpt", "value": "A square."},
+            ],
+        },
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    convert([tmp_path / "d.jsonl"], tmp_path, tmp_path / "out", progress=False)
+    proc = SampleProcessor(tiny_processor, build("mrope"), max_tokens=512, layout="qwen2_5")
+    urls = sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    out = list(PackedRowStream(urls, proc, max_tokens=512, epochs=1))
+    assert sum(r["num_samples"] for r in out) == 1
+    assert sum(r["skipped"].get("unsupported_video", 0) for r in out) == 1
+    assert out[0]["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64x56 -> 56x56 (28-multiples) -> 4x4 patches
