@@ -54,3 +54,25 @@ def tiny_overrides(cache_dir: Path, out_dir: Path, *extra: str) -> list[str]:
         "trainer.optim.warmup_steps=0",
         *extra,
     ]
+
+
+# Set by an in-process test that joined a process group; a child inheriting them would reuse the parent's
+# (still listening) rendezvous port instead of starting its own group.
+DIST_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process (train.py, torchrun, export): no inherited distributed state."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    return env

@@ -7,7 +7,12 @@
       -> atomic replace of the `latest` pointer file.
 
 A folder without a manifest is never loaded, so a crash at any point leaves the previous committed step as
-`latest`. Retention (`keep_last`) never deletes what `latest` points to. Assumes the checkpoint directory is
+the one to resume from; a crash between the rename and the pointer update leaves a complete, manifested
+`step_N/` that `latest()` prefers over the stale pointer (resume takes the newest committed step). Retention
+(`keep_last`) never deletes what `latest` points to.
+
+Fault injection for tests: `MMROPE_CRASH_AT=staged|manifest|renamed` (+ optional `MMROPE_CRASH_STEP=N`)
+SIGKILLs rank 0 after staging / after writing the manifest / after the rename, before the next stage. Assumes the checkpoint directory is
 on a filesystem shared by all ranks (the usual cluster setup), since rank 0 commits.
 """
 
@@ -18,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -26,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 MANIFEST = "manifest.json"
+CRASH_POINTS = ("staged", "manifest", "renamed")
 LATEST = "latest"
 # Keys that must match to resume: changing any of them changes what the checkpoint means.
 RESUME_KEYS = (
@@ -89,6 +96,30 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _maybe_crash(point: str, step: int) -> None:
+    """Test hook: die like `kill -9` (no cleanup, no atexit, no flush) at a named point of the commit."""
+    if os.environ.get("MMROPE_CRASH_AT") != point:
+        return
+    if os.environ.get("MMROPE_CRASH_STEP", str(step)) != str(step):
+        return
+    print(f"MMROPE_CRASH_AT={point}: killing pid {os.getpid()} while saving step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the directory entry (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class CheckpointManager:
     def __init__(self, ckpt_dir: str | os.PathLike, *, rank: int, world_size: int, keep_last: int = 2):
         self.dir = Path(ckpt_dir)
@@ -107,14 +138,25 @@ class CheckpointManager:
         ]
         return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
 
-    def latest(self) -> Path | None:
+    def pointer(self) -> Path | None:
+        """What the `latest` file names, if that is a committed checkpoint."""
         pointer = self.dir / LATEST
         if pointer.is_file():
             path = self.dir / pointer.read_text().strip()
             if (path / MANIFEST).is_file():
                 return path
-        committed = self.committed()  # pointer missing or stale: fall back to the newest committed step
-        return committed[-1] if committed else None
+        return None
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from: the newest committed step. Normally that is what `latest` names;
+        after a crash between the rename and the pointer update it is the renamed (complete) step."""
+        committed = self.committed()
+        if not committed:
+            return None
+        pointer = self.pointer()
+        if pointer is not None and int(pointer.name.split("_")[1]) >= int(committed[-1].name.split("_")[1]):
+            return pointer
+        return committed[-1]
 
     # -- save --------------------------------------------------------------------------------------------------
     def save(
@@ -140,6 +182,7 @@ class CheckpointManager:
                 f"checkpoint {name}: staging failed on at least one rank; nothing was committed"
             )
         if self.rank == 0:
+            _maybe_crash("staged", step)
             manifest = {
                 "step": step,
                 "world_size": self.world_size,
@@ -150,20 +193,25 @@ class CheckpointManager:
                 "files": sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()),
             }
             _atomic_write(staged / MANIFEST, json.dumps(manifest, indent=1, default=str))
+            _maybe_crash("manifest", step)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace the old copy
                 shutil.rmtree(final)
             os.replace(staged, final)
+            _fsync_dir(self.dir)
+            _maybe_crash("renamed", step)
             _atomic_write(self.dir / LATEST, name)
+            _fsync_dir(self.dir)
             self._retain()
         if dist.is_initialized():
             dist.barrier()
         return final
 
     def _retain(self) -> None:
-        keep = set(self.committed()[-self.keep_last :])
-        latest = self.latest()
-        for path in self.committed():
-            if path not in keep and path != latest:
+        """Keep the newest `keep_last` committed steps, and never what `latest` names or resolves to."""
+        committed = self.committed()
+        keep = set(committed[-self.keep_last :]) | {self.pointer(), self.latest()}
+        for path in committed:
+            if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- load --------------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 MODEL_KINDS = ("tiny", "pretrained", "composed")
 MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-ATTN_BACKENDS = ("sdpa", "eager", "flex", "flash")
+ATTN_BACKENDS = ("sdpa", "sdpa_varlen", "eager", "flex", "flash")
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("auto", "must", "never")
+NONFINITE_POLICIES = ("raise", "skip")
 ERROR_POLICIES = ("raise", "skip")
 
 
@@ -93,10 +94,17 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     attn_backend: str = "sdpa"
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    gradient_checkpointing: bool = False
+    activation_checkpointing: str = (
+        "none"  # none | all | every_k (LLM decoder layers; the frozen ViT stores nothing)
+    )
+    activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
 
     def __post_init__(self) -> None:
         _one_of(self.kind, MODEL_KINDS, "model.kind")
+        _one_of(self.activation_checkpointing, ("none", "all", "every_k"), "model.activation_checkpointing")
+        _require(
+            self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every", "must be >= 1"
+        )
         _one_of(self.family, MODEL_FAMILIES, "model.family")
         _one_of(self.attn_backend, ATTN_BACKENDS, "model.attn_backend")
         if self.kind == "pretrained":
@@ -164,9 +172,19 @@ class DataConfig:
     error_policy: str = "skip"  # raise | skip (eval data always raises)
     max_skip_fraction: float = 0.05
     seed: int = 0
+    # Weighted sources instead of `shards`: [{shards: [urls...], weight: 0.7}, ...]; each record is drawn from
+    # a source chosen by a seeded weighted draw (deterministic, resumable), each source cycles its own epochs.
+    mixture: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 64, "data.max_tokens", f"must be >= 64, got {self.max_tokens}")
+        for i, m in enumerate(self.mixture):
+            ok = hasattr(m, "get") and m.get("shards") and isinstance(m.get("weight"), (int, float))
+            _require(bool(ok), f"data.mixture[{i}]", "must be {shards: [urls...], weight: number}")
+            _require(float(m["weight"]) > 0, f"data.mixture[{i}].weight", f"must be > 0, got {m['weight']}")
+        _require(
+            not (self.mixture and self.shards), "data.mixture", "give data.shards or data.mixture, not both"
+        )
         _require(
             0 < self.min_pixels <= self.max_pixels,
             "data.min_pixels",
@@ -241,6 +259,10 @@ class TrainerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+    on_nonfinite: str = "raise"  # raise | skip: what a step with a non-finite loss or grad norm does
+    max_nonfinite_skips: int = 10  # with on_nonfinite=skip: abort once more steps than this were skipped
+    requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
+    debug_inject_nan_at_step: int = 0  # testing aid: make the loss of this (1-based) step NaN; 0 = off
 
     def __post_init__(self) -> None:
         _require(
@@ -259,6 +281,12 @@ class TrainerConfig:
         _one_of(self.resume, RESUME_MODES, "trainer.resume")
         _require(self.save_every > 0, "trainer.save_every", "must be > 0")
         _require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+        _one_of(self.on_nonfinite, NONFINITE_POLICIES, "trainer.on_nonfinite")
+        _require(self.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", "must be >= 0")
+        _require(
+            0 < self.requeue_exit_code < 256, "trainer.requeue_exit_code", "must be an exit status in 1..255"
+        )
+        _require(self.debug_inject_nan_at_step >= 0, "trainer.debug_inject_nan_at_step", "must be >= 0")
 
 
 @dataclass

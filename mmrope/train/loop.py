@@ -11,12 +11,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from mmrope.model.objective import num_supervised
 from mmrope.train.checkpoint import CheckpointManager
 from mmrope.train.config import TrainConfig
 from mmrope.train.engine import Dist
 from mmrope.train.metrics import Metrics
+from mmrope.train.preemption import Preempted, PreemptionFlag
+from mmrope.train.throughput import Throughput
 
 
 @dataclass
@@ -57,14 +60,33 @@ class Trainer:
         self.skipped: Counter = Counter()
         self.records = 0
         self.tokens_seen = 0
+        self.nonfinite_skips = 0  # steps dropped under trainer.on_nonfinite=skip (saved with the checkpoint)
+        self.preemption: PreemptionFlag | None = None  # installed by train()
+        self.throughput: Throughput | None = (
+            None  # set by the session when FLOPs can be counted for the model
+        )
+        self._step_composition: dict = {}
 
     def train(self) -> TrainResult:
+        """Train to trainer.max_steps. On a preemption signal: save, then raise `Preempted` (a SystemExit
+        whose code is trainer.requeue_exit_code)."""
+        self.preemption = PreemptionFlag()
+        try:
+            return self._train_loop()
+        finally:
+            self.preemption.restore()
+
+    def _train_loop(self) -> TrainResult:
         t = self.cfg.trainer
         first = last = None
         last_ckpt = None
         while self.step < t.max_steps:
             tic = time.perf_counter()
             loss, stats = self.train_step()
+            if self.throughput is not None:  # tokens/s, samples/s, MFU, peak memory of this step
+                stats.update(
+                    self.throughput.step_metrics(time.perf_counter() - tic, **self._step_composition)
+                )
             self.step += 1
             first = loss if first is None else first
             last = loss
@@ -82,6 +104,16 @@ class Trainer:
                 )
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 last_ckpt = self.save()
+            # Sync point: any rank signalled -> every rank saves this step (a finished run just finishes).
+            if self.preemption.agreed() and self.step < t.max_steps:
+                if last_ckpt is None or last_ckpt.name != f"step_{self.step}":
+                    last_ckpt = self.save()
+                self.metrics.print(
+                    f"preempted (a rank got a preemption signal; here: {self.preemption.signum}): saved step "
+                    f"{self.step}, exiting with trainer.requeue_exit_code={t.requeue_exit_code}"
+                )
+                self.preemption.chain()  # e.g. submitit's handler requeues the SLURM job (may exit itself)
+                raise Preempted(t.requeue_exit_code)
         return TrainResult(first, last, last_ckpt, self.step)
 
     def train_step(self) -> tuple[float, dict]:
@@ -99,6 +131,8 @@ class Trainer:
         for i, row in enumerate(rows):
             batch = _to_device(row, self.d.device)
             loss = self.engine(batch, num_global_tokens=max(num_global, 1.0))
+            if self.step + 1 == self.cfg.trainer.debug_inject_nan_at_step:
+                loss = loss * float("nan")  # testing aid: a NaN loss, and through backward NaN gradients
             # ZeRO averages gradients over data-parallel ranks; undo that mean so the gradient is exactly
             # d(sum of token losses / num_global). scale_wrt_gas=False: we normalised across micro steps already.
             self.engine.backward(loss * self.d.world_size, scale_wrt_gas=False)
@@ -106,17 +140,54 @@ class Trainer:
             if i < len(rows) - 1:
                 self.engine.step()  # not a boundary: DeepSpeed only advances its micro-step counters
         (global_loss,) = _all_sum([float(loss_sum)])
-        if not math.isfinite(global_loss):
-            # Every rank sees the same all-reduced value, so all stop here, before the optimizer update.
+        self._step_composition = {
+            "rows": rows,
+            "num_supervised_global": num_global,
+            "tokens_global": num_tokens,
+            "samples_global": num_samples,
+            "global_scale": num_tokens / max(num_tokens_local, 1),
+        }
+        # Every rank sees the same all-reduced loss, so all of them take the same branch below.
+        if not math.isfinite(global_loss) and self.cfg.trainer.on_nonfinite == "raise":
             raise FloatingPointError(
-                f"non-finite loss {global_loss} at step {self.step + 1}; no update applied"
+                f"non-finite loss {global_loss} at step {self.step + 1}; no update applied "
+                f"(trainer.on_nonfinite=raise)"
             )
-        self.engine.step()  # boundary: clip, optimizer update, LR schedule
-        self.tokens_seen += int(num_tokens)
-        self._check_skips()
+        # Boundary: clip, optimizer update, LR schedule. ZeRO all-reduces an overflow flag / the global grad
+        # norm inside step(); a non-finite one makes every rank drop the update, clear the gradients and leave
+        # the LR schedule where it was. That is how a skip keeps DeepSpeed's counters and buffers consistent.
+        self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        applied = self.engine.was_step_applied()
+        if math.isfinite(global_loss) and applied:
+            self.tokens_seen += int(num_tokens)
+        else:
+            if applied:  # cannot happen with the DeepSpeed versions we support; never continue silently
+                raise RuntimeError(
+                    f"step {self.step + 1}: non-finite loss {global_loss} but DeepSpeed applied the update"
+                )
+            what = f"loss {global_loss}, grad norm {grad_norm}"
+            if self.cfg.trainer.on_nonfinite == "raise":  # finite loss, non-finite gradient: nothing applied
+                raise FloatingPointError(
+                    f"non-finite gradient at step {self.step + 1} ({what}); no update applied "
+                    f"(trainer.on_nonfinite=raise)"
+                )
+            self.nonfinite_skips += 1
+            budget = self.cfg.trainer.max_nonfinite_skips
+            self.metrics.print(
+                f"step {self.step + 1}: non-finite ({what}): update skipped on all ranks "
+                f"({self.nonfinite_skips}/{budget} skips)"
+            )
+            if self.nonfinite_skips > budget:
+                raise FloatingPointError(
+                    f"{self.nonfinite_skips} non-finite steps skipped > trainer.max_nonfinite_skips={budget}; "
+                    f"last at step {self.step + 1} ({what})"
+                )
+        self._check_skips()
         stats = {
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": grad_norm,
+            "train/nonfinite_skips": self.nonfinite_skips,
             "train/supervised_tokens": num_global,
             "train/tokens": num_tokens,
             "train/samples": num_samples,
@@ -144,7 +215,13 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "records": self.records,
                 "skipped": dict(self.skipped),
+                "nonfinite_skips": self.nonfinite_skips,
+                # exact stream position of the rows consumed so far (data.loader.ResumableLoader)
+                "data": self.rows.state_dict() if hasattr(self.rows, "state_dict") else None,
             },
+            # The whole config, so that `python -m mmrope.train.export` can rebuild the model from the
+            # checkpoint alone.
+            extra={"train_config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)},
         )
         self.metrics.print(f"checkpoint saved: {path}")
         return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,19 +11,22 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.loader import PackedRowStream, make_loader
+from data.loader import PackedRowStream, ResumableLoader
 from data.processing import SampleProcessor
 from data.processor import VLProcessor, build_tiny_processor, load_processor
 from data.synthetic import corpus, write_synthetic_shards
 from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
 from mmrope.model.freeze import apply_freeze
+from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
+from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
 from mmrope.train.config import TrainConfig
 from mmrope.train.engine import Dist, build_engine, init_distributed
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
+from mmrope.train.throughput import Throughput
 
 
 def flatten(cfg: TrainConfig) -> dict:
@@ -121,16 +123,18 @@ def build_session(cfg: TrainConfig) -> Session:
         special_ids=processor.special_ids,
         seed=cfg.trainer.seed,
     )
+    install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)  # the one seam
     counts = apply_freeze(model, cfg.model.freeze)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(
+        model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
+    )
     engine, _, _ = build_engine(SFTObjective(model, zero_stage=cfg.deepspeed.stage), cfg, d.world_size)
 
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
     )
     fingerprint = config_fingerprint(flat)
-    start_step, rows_done, rank_state = 0, 0, {}
+    start_step, rank_state = 0, {}
     latest = ckpt.latest()
     if cfg.trainer.resume == "must" and latest is None:
         raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
@@ -138,7 +142,6 @@ def build_session(cfg: TrainConfig) -> Session:
         ckpt.check_compatible(latest, fingerprint)
         rank_state = ckpt.load(engine, latest)
         start_step = rank_state["step"]
-        rows_done = start_step * cfg.grad_accum_steps(d.world_size)
 
     sample_processor = SampleProcessor(
         processor,
@@ -148,8 +151,9 @@ def build_session(cfg: TrainConfig) -> Session:
         system_prompt=cfg.data.system_prompt,
         dipe=cfg.rope.dipe,
     )
+    mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
     stream = PackedRowStream(
-        shard_urls(cfg, d),
+        None if mixture else shard_urls(cfg, d),
         sample_processor,
         max_tokens=cfg.data.max_tokens,
         seed=cfg.data.seed,
@@ -157,10 +161,16 @@ def build_session(cfg: TrainConfig) -> Session:
         world_size=d.world_size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         error_policy=cfg.data.error_policy,
+        mixture=mixture or None,
     )
-    # The stream is a pure function of (seed, rank, worker): skipping the rows already trained on puts it at
-    # exactly the position of the checkpoint.
-    rows = itertools.islice(iter(make_loader(stream, cfg.data.num_workers)), rows_done, None)
+    # The checkpoint holds the exact stream position (per worker: shard cursors, RNG states, the records held
+    # in the shuffle buffer and the packer), so the resumed run sees exactly the rows an uninterrupted one would.
+    data_state = rank_state.get("data")
+    if start_step and data_state is None:
+        raise ValueError(
+            f"config key `trainer.resume`: checkpoint {latest} holds no data loader state; cannot resume exactly"
+        )
+    rows = ResumableLoader(stream, cfg.data.num_workers, state=data_state)
 
     metrics = Metrics(cfg, run_dir, enabled=d.is_main, start_step=start_step, flat_config=flat)
     metrics.print(
@@ -171,6 +181,10 @@ def build_session(cfg: TrainConfig) -> Session:
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
     trainer.tokens_seen = rank_state.get("tokens_seen", 0)
+    trainer.throughput = Throughput(
+        model.config, peak_tflops=cfg.trainer.peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
+    )
+    trainer.nonfinite_skips = rank_state.get("nonfinite_skips", 0)
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 

@@ -7,7 +7,6 @@ to give every rank the same loss value.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, clean_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -39,14 +38,13 @@ def run_ranks(tmp_path: Path, cache_dir: Path, stage: int) -> list[dict]:
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        str(29600 + stage),
+        "--standalone",  # torchrun picks a free port: no clash with other tests' listeners
         str(ROOT / "tests/integration/zero_worker.py"),
         str(out),
         str(STEPS),
         *overrides,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(out / f"rank_{r}.pt") for r in range(2)]

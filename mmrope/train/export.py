@@ -1,0 +1,128 @@
+"""Export a committed ZeRO-2/3 checkpoint as a Hugging Face model directory.
+
+    python -m mmrope.train.export runs/<run_name>/checkpoints            # the latest committed step
+    python -m mmrope.train.export runs/<run_name>/checkpoints/step_300 --out exported/ --dtype bf16
+
+Writes: `model.safetensors` (+ `config.json`, `generation_config.json`) for the whole VLM, frozen ViT
+included; the tokenizer (with its chat template) and the image processor; and `mmrope_encoding.json`, the
+position encoding the model was trained with. With `rope=mrope`/`mrope_i` (no DIPE) the directory is a stock
+checkpoint: `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)` computes what the training model
+computed. Other encodings need mmrope's install at load time (`stock: false` in mmrope_encoding.json).
+
+The weights come from DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`: fp32 master
+weights of the trainable parameters + the frozen ones from the model-state files). The engine wraps the VLM
+in `SFTObjective`, so keys arrive prefixed `vlm.`. Parameters the shards do not hold (frozen parameters of an
+`exclude_frozen_parameters` save) are taken from the base model rebuilt from the config: frozen means they
+never moved from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mmrope.train.checkpoint import MANIFEST, CheckpointManager
+from mmrope.train.config import TrainConfig
+
+STOCK_ENCODINGS = ("mrope", "mrope_i")
+WRAPPER_PREFIX = "vlm."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory (`.../step_N`) as is; a checkpoints directory -> its latest committed step."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = CheckpointManager(path, rank=0, world_size=1).latest()
+    if latest is None:
+        raise ValueError(f"checkpoint: {str(path)!r} is neither a committed step nor holds one")
+    return latest
+
+
+def config_from_manifest(manifest: dict) -> TrainConfig:
+    if "train_config" not in manifest:
+        raise ValueError("checkpoint: the manifest has no `train_config` (saved by an older mmrope)")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(manifest["train_config"]))
+    return OmegaConf.to_object(merged)
+
+
+def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The VLM's full fp32 state dict from the ZeRO shards, without the `vlm.` wrapper prefix."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}
+
+
+def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+    from mmrope.model.build import build_model
+    from mmrope.train.engine import Dist
+    from mmrope.train.run import make_processor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"argument `--dtype`: {dtype!r} is not one of {sorted(DTYPES)}")
+    step_dir = resolve_checkpoint(checkpoint)
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    cfg = config_from_manifest(manifest)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    processor = make_processor(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    # The base model: architecture + config, and the source of any parameter the shards do not hold.
+    model = build_model(
+        cfg.model,
+        vocab_size=len(processor.tokenizer),
+        special_ids=processor.special_ids,
+        seed=cfg.trainer.seed,
+    )
+    trained = consolidated_state_dict(step_dir)
+    expected = model.state_dict()
+    unknown = sorted(set(trained) - set(expected))
+    if unknown:
+        raise RuntimeError(f"checkpoint {step_dir} holds parameters the model does not have: {unknown[:5]}")
+    from_base = sorted(k for k in expected if k not in trained)
+    tied = {"lm_head.weight"} if model.config.get_text_config().tie_word_embeddings else set()
+    if any(k not in tied for k in from_base):
+        print(
+            f"export: {len(from_base)} tensors not in the shards, kept from the base model: {from_base[:5]}..."
+        )
+    model.load_state_dict(trained, strict=False)
+    model.to(DTYPES[dtype]).eval()
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save(out)
+
+    rope = cfg.rope
+    encoding = {
+        "name": rope.name,
+        "hparams": dict(rope.hparams),
+        "dipe": rope.dipe,
+        "layout": cfg.rope_layout(),
+        "stock": rope.name in STOCK_ENCODINGS and not rope.dipe,
+        "model_family": cfg.model.family if cfg.model.kind != "tiny" else "qwen2_5_vl",
+        "trained_steps": manifest["step"],
+        "config_hash": manifest["config_hash"],
+    }
+    (out / "mmrope_encoding.json").write_text(json.dumps(encoding, indent=1, default=str))
+    print(f"exported step {manifest['step']} of {step_dir} -> {out} ({dtype})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mmrope.train.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a step_N directory, or a checkpoints directory (its latest step)")
+    p.add_argument("--out", default=None, help="output directory (default: <run dir>/export/step_N)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    args = p.parse_args(argv)
+    step_dir = resolve_checkpoint(args.checkpoint)
+    out = args.out or step_dir.parent.parent / "export" / step_dir.name
+    export(step_dir, out, dtype=args.dtype)
+
+
+if __name__ == "__main__":
+    main()
