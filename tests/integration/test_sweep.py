@@ -1,0 +1,163 @@
+"""A Hydra multirun over encodings on the tiny default (CPU, basic launcher), then the sweep report.
+
+The sweep must put every run in its own job folder named from its overrides, with the trainer writing its
+metrics and checkpoints there (trainer.run_name and output_dir derived per job), every variant reading the
+same data stream, and `mmrope.train.report` must turn the folder into a table and a loss plot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrope.train.report import main as report_main
+from mmrope.train.report import write_report
+from tests.conftest import ROOT, clean_env, tiny_overrides
+
+ENCODINGS = ("mrope", "mrope_i", "vanilla")
+STEPS = 3
+SWEEP = "enc_sweep"
+
+
+def metrics(job_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "runs"
+    # In a multirun the sweep folder is the place to choose (hydra.sweep.dir); every job sets its own
+    # trainer.output_dir from it, so trainer.output_dir is not passed on the command line.
+    base = [o for o in tiny_overrides(cache_dir, out) if not o.startswith("trainer.output_dir=")]
+    overrides = [
+        *base,
+        f"hydra.sweep.dir={out}/sweeps/{SWEEP}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_every=1",
+        "trainer.save_every=100",
+        f"rope={','.join(ENCODINGS)}",
+        f"hydra.job.name={SWEEP}",
+    ]
+    env = clean_env(WANDB_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out / "sweeps" / SWEEP
+
+
+@pytest.mark.slow
+def test_each_run_has_its_own_named_folder_and_run_name(sweep_dir):
+    job_dirs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
+    assert len(job_dirs) == len(ENCODINGS)
+    for job_dir, name in zip(job_dirs, sorted(ENCODINGS)):
+        hydra_cfg = yaml.safe_load((job_dir / ".hydra/hydra.yaml").read_text())["hydra"]
+        # The folder is named from the run's overrides (bookkeeping keys excluded) ...
+        assert job_dir.name == hydra_cfg["job"]["override_dirname"]
+        assert f"rope={name}" in job_dir.name.split(",")
+        assert "trainer.run_name" not in job_dir.name and "trainer.output_dir" not in job_dir.name
+        # ... and the trainer ran there: output_dir/run_name is the job folder, so run names differ per run.
+        steps = [r["step"] for r in metrics(job_dir)]
+        assert steps == list(range(1, STEPS + 1))
+        assert (job_dir / "checkpoints" / f"step_{STEPS}").is_dir()
+        overrides = yaml.safe_load((job_dir / ".hydra/overrides.yaml").read_text())
+        assert f"trainer.wandb.group={SWEEP}" in overrides  # wandb groups the runs by sweep
+    # nothing outside the sweep folder (no runs/tiny-default, no runs/<override_dirname>)
+    assert sorted(p.name for p in sweep_dir.parent.parent.iterdir()) == ["sweeps"]
+
+
+@pytest.mark.slow
+def test_variants_see_the_same_data_stream(sweep_dir):
+    job_dirs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
+    per_run = [[(r["train/tokens"], r["train/samples"]) for r in metrics(d)] for d in job_dirs]
+    assert all(p == per_run[0] for p in per_run), per_run
+    losses = [[r["train/loss"] for r in metrics(d)] for d in job_dirs]
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=0.2)  # same init and rows: similar start
+
+
+@pytest.mark.slow
+def test_report_table_and_plot(sweep_dir, tmp_path, capsys):
+    report_main([str(sweep_dir), "--out", str(tmp_path)])
+    assert "wrote" in capsys.readouterr().out
+    table = (tmp_path / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(ENCODINGS)
+    by_encoding = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 8, row
+        by_encoding[cells[1]] = cells
+    assert set(by_encoding) == set(ENCODINGS)
+    for name, cells in by_encoding.items():
+        assert cells[0] == f"`rope={name}`"  # only the encoding differs between the runs
+        job_dir = next(d for d in sweep_dir.iterdir() if f"rope={name}" in d.name.split(","))
+        records = metrics(job_dir)
+        assert int(cells[2]) == STEPS
+        assert float(cells[3]) == pytest.approx(records[-1]["train/loss"], abs=5e-5)
+        assert float(cells[4]) == pytest.approx(min(r["train/loss"] for r in records), abs=5e-5)
+        # perf/* columns: a parsed number where the trainer logs the metric, "n/a" where it does not
+        for cell, key in zip(cells[5:], ("perf/tokens_per_s", "perf/mfu", "perf/peak_mem_gb")):
+            if key in records[-1]:
+                assert re.fullmatch(r"[\d,]+(\.\d+)?%?", cell), (key, cell)
+                assert float(cell.rstrip("%").replace(",", "")) >= 0
+            else:
+                assert cell == "n/a", (key, cell)
+
+    png = tmp_path / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+def _fake_run(sweep: Path, name: str, overrides: list[str], records: list[dict], dipe: bool = False) -> None:
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra/config.yaml").write_text(yaml.safe_dump({"rope": {"name": name, "dipe": dipe}}))
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_uses_perf_metrics_dedupes_resumed_steps_and_marks_missing(tmp_path):
+    sweep = tmp_path / "sweep"
+    perf = [
+        {"step": 1, "train/loss": 3.0, "perf/tokens_per_s": 10.0, "perf/mfu": 0.1, "perf/peak_mem_gb": 5.0},
+        {"step": 2, "train/loss": 2.0, "perf/tokens_per_s": 1000.0, "perf/mfu": 0.4, "perf/peak_mem_gb": 7.5},
+        {"step": 3, "train/loss": 2.5, "perf/tokens_per_s": 2000.0, "perf/mfu": 0.5, "perf/peak_mem_gb": 6.0},
+        # resumed from the step-2 checkpoint: step 3 logged again, this record is the one that counts
+        {"step": 3, "train/loss": 1.5, "perf/tokens_per_s": 3000.0, "perf/mfu": 0.6, "perf/peak_mem_gb": 6.0},
+    ]
+    _fake_run(
+        sweep, "mrope", ["rope=mrope", "trainer.run_name=${hydra:job.override_dirname}"], perf, dipe=True
+    )
+    _fake_run(
+        sweep, "vanilla", ["rope=vanilla"], [{"step": 1, "train/loss": 4.0}, {"step": 2, "train/loss": 3.5}]
+    )
+    md, png = write_report(sweep, tmp_path / "out")
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+        for r in md.read_text().splitlines()
+        if r.startswith("| `")
+    }
+    # steps 2 and 3 after the first: median tokens/s (1000+3000)/2, MFU (0.4+0.6)/2; peak memory is the max
+    assert rows["`rope=mrope`"][1:] == ["mrope + DIPE", "3", "1.5000", "1.5000", "2,000", "50.0%", "7.5"]
+    assert rows["`rope=vanilla`"][1:] == ["vanilla", "2", "3.5000", "3.5000", "n/a", "n/a", "n/a"]
+    assert png.stat().st_size > 1000
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path):
+    with pytest.raises(ValueError, match="sweep_dir"):
+        write_report(tmp_path, tmp_path / "out")
