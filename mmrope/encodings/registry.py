@@ -169,7 +169,6 @@ class Variant:
     allocation: str
     defaults: dict[str, Any]
     position_keys: tuple[str, ...] = ()
-    rotary_keys: tuple[str, ...] = ()
     extra_check: Callable[[dict[str, Any]], None] | None = field(default=None)
 
 
@@ -195,14 +194,12 @@ VARIANTS: dict[str, Variant] = {
             "chunked",
             {"mrope_section": [16, 24, 24], "temporal_stride": 2.0},
             position_keys=("temporal_stride",),
-            rotary_keys=("mrope_section",),
         ),
         Variant(
             "mrope_i",
             "interleaved",
             {"mrope_section": [24, 20, 20], "temporal_stride": 1.0, "spatial_reset": False},
             position_keys=("temporal_stride", "spatial_reset"),
-            rotary_keys=("mrope_section",),
         ),
         Variant(
             "mhrope",
@@ -214,7 +211,6 @@ VARIANTS: dict[str, Variant] = {
                 "spatial_reset": False,
             },
             position_keys=("temporal_stride", "spatial_reset"),
-            rotary_keys=("mrope_section", "num_key_value_heads"),
             extra_check=_check_mhrope,
         ),
         Variant(
@@ -222,7 +218,6 @@ VARIANTS: dict[str, Variant] = {
             "videorope",
             {"mrope_section": [16, 24, 24], "temporal_stride": 2.0, "frequency_layout": "package"},
             position_keys=("temporal_stride",),
-            rotary_keys=("mrope_section", "frequency_layout"),
         ),
         Variant(
             "hope",
@@ -235,7 +230,6 @@ VARIANTS: dict[str, Variant] = {
                 "frequency_layout": "package",
             },
             position_keys=("temporal_stride", "temporal_stride_lst", "fixed_temporal_scale"),
-            rotary_keys=("mrope_section", "frequency_layout"),
         ),
         Variant(
             "circlerope",
@@ -259,7 +253,6 @@ VARIANTS: dict[str, Variant] = {
                 "radius",
                 "alpha",
             ),
-            rotary_keys=("mrope_section",),
         ),
         Variant("v2pe", "1d", {"visual_stride": 16.0}, position_keys=("visual_stride",)),
         Variant(
@@ -267,7 +260,6 @@ VARIANTS: dict[str, Variant] = {
             "interleaved",
             {"mrope_section": [24, 20, 20], "temporal_stride": 1.0, "spatial_reset": True},
             position_keys=("temporal_stride",),
-            rotary_keys=("mrope_section",),
             extra_check=_check_ilrope,
         ),
         Variant(
@@ -275,7 +267,6 @@ VARIANTS: dict[str, Variant] = {
             "chunked",
             {"mrope_section": [16, 24, 24], "temporal_stride": 1.0},
             position_keys=("temporal_stride",),
-            rotary_keys=("mrope_section",),
         ),
         Variant(
             # mrope_section is kept for API symmetry but ignored by the fixed TTHWHWHW meta pattern (spec 4.11 (b)).
@@ -300,17 +291,6 @@ VARIANTS: dict[str, Variant] = {
                 "learnable": True,
             },
             position_keys=("temporal_stride",),
-            rotary_keys=(
-                "mrope_section",
-                "log_freq_scale",
-                "frequency_allocation",
-                "grape_mode",
-                "num_planes",
-                "block_size",
-                "planes_per_block",
-                "rope_init",
-                "learnable",
-            ),
         ),
     ]
 }
@@ -447,9 +427,9 @@ class Encoding:
                 )
         key = (head_dim, rope_theta, partial_rotary_factor, num_key_value_heads)
         if key not in self._rotaries:
-            from .frequencies import make_rotary  # lazy: positions work without the frequencies package
+            from .frequencies import ALLOCATION_KEYS, make_rotary  # lazy: positions need no frequencies
 
-            kw = {k: self.hparams[k] for k in self._variant.rotary_keys}
+            kw = {k: v for k, v in self.hparams.items() if k in ALLOCATION_KEYS[self.allocation]}
             self._rotaries[key] = make_rotary(
                 self.allocation,
                 head_dim=head_dim,

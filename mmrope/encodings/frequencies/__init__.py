@@ -25,11 +25,12 @@ from .allocations import (
     videorope_axes,
 )
 from .core import Rotary, apply_rotary, as_three_rows, float32_region, inv_freq, rotary_dim, rotate_half
-from .factory import ALLOCATIONS, DEFAULT_SECTIONS, GRAPE_MODES, make_rotary
+from .factory import ALLOCATION_KEYS, ALLOCATIONS, DEFAULT_SECTIONS, GRAPE_MODES, make_rotary
 from .grape import GRAPE_LEARNED_MODES, LearnedGrapeRotary
 from .rotary import GrapeCanonicalRotary, HopeRotary, MultiHeadRotary, OneDRotary, PairAxisRotary
 
 __all__ = [
+    "ALLOCATION_KEYS",
     "ALLOCATIONS",
     "DEFAULT_SECTIONS",
     "GRAPE_LEARNED_MODES",

@@ -33,7 +33,7 @@ DEFAULT_SECTIONS: dict[str, list[int]] = {
 # Knobs each allocation reads. Other known encoding hyperparameters (position-design knobs, or e.g. lumos'
 # mrope_section which the spec says is ignored) are accepted and ignored so a registry can pass an encoding's
 # hparams through; anything else is a typo and raises.
-_USED: dict[str, frozenset[str]] = {
+ALLOCATION_KEYS: dict[str, frozenset[str]] = {
     "1d": frozenset(),
     "chunked": frozenset({"mrope_section"}),
     "interleaved": frozenset({"mrope_section"}),
@@ -74,7 +74,7 @@ _POSITION_KNOBS = frozenset(
         "frequency_layout",
     }
 )
-_KNOWN = _POSITION_KNOBS.union(*_USED.values())
+_KNOWN = _POSITION_KNOBS.union(*ALLOCATION_KEYS.values())
 
 GRAPE_MODES = ("canonical", "axis", "mixed", "block_mixed")
 
@@ -112,7 +112,7 @@ def make_rotary(
     unknown = sorted(set(kw) - _KNOWN)
     if unknown:
         raise ValueError(f"unknown frequency hyperparameter(s) {unknown} for allocation {allocation!r}")
-    opts = {k: v for k, v in kw.items() if k in _USED[allocation] and v is not None}
+    opts = {k: v for k, v in kw.items() if k in ALLOCATION_KEYS[allocation] and v is not None}
     geometry = {
         "head_dim": head_dim,
         "rope_theta": rope_theta,

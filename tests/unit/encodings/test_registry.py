@@ -191,8 +191,11 @@ def fake_frequencies(monkeypatch):
         calls.append((allocation, head_dim, rope_theta, partial_rotary_factor, kw))
         return FakeRotary()
 
+    from mmrope.encodings.frequencies.factory import ALLOCATION_KEYS  # the real table of knobs per allocation
+
     module = types.ModuleType("mmrope.encodings.frequencies")
     module.make_rotary = make_rotary
+    module.ALLOCATION_KEYS = ALLOCATION_KEYS
     monkeypatch.setitem(sys.modules, "mmrope.encodings.frequencies", module)
     import mmrope.encodings as package
 
