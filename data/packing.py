@@ -87,6 +87,11 @@ def collate_row(samples: list[Sample], *, image_token_id: int, video_token_id: i
     pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
     if pixels:
         row["pixel_values"] = torch.cat(pixels)
+    videos = [s.pixel_values_videos for s in samples if s.pixel_values_videos is not None]
+    if videos:
+        row["pixel_values_videos"] = torch.cat(videos)
+        row["video_grid_thw"] = torch.cat([s.video_grid_thw for s in samples]).long()
+        row["second_per_grid_ts"] = torch.cat([s.second_per_grid_ts for s in samples])
     if samples[0].static_position_ids is not None:
         row["static_position_ids"] = torch.cat([s.static_position_ids for s in samples], dim=-1)[:, None]
     return row

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from data.processor import IM_END, IMAGE_PAD, VIDEO_PAD, VLProcessor
+from data.video import video_patches
 from mmrope.encodings import Encoding, TokenIds, anchored_positions
 
 IGNORE_INDEX = -100
@@ -41,6 +42,11 @@ class Sample:
     pixel_values: torch.Tensor | None = None  # [num_patches, C * temporal_patch * patch * patch]
     image_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     static_position_ids: torch.Tensor | None = None  # [3, L] DIPE anchored positions
+    pixel_values_videos: torch.Tensor | None = None  # [num_video_patches, C * temporal_patch * patch * patch]
+    video_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    second_per_grid_ts: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0)
+    )  # seconds per temporal patch
     url: str = ""  # the shard it came from: (url, key) names the record for a resumed loader
 
     @property
@@ -134,68 +140,100 @@ class SampleProcessor:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return messages
 
-    def _images(self, record: dict, messages: list[dict]) -> list[Image.Image]:
-        images = []
+    @staticmethod
+    def _decode(record: dict, ref, what: str) -> Image.Image:
+        blob = record.get(ref) if isinstance(ref, str) else None
+        if blob is None:
+            raise SampleError("missing_field", f"{what} {ref!r} not in record")
+        try:
+            img = Image.open(io.BytesIO(blob))
+            img.load()
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise SampleError("bad_image", f"{ref}: {e}") from e
+        return img.convert("RGB")
+
+    def _media(
+        self, record: dict, messages: list[dict]
+    ) -> tuple[list[Image.Image], list[tuple[list, float]]]:
+        """Images and videos (frame lists + fps) in order of appearance."""
+        images, videos = [], []
         for m in messages:
             if isinstance(m["content"], str):
                 if IMAGE_PAD in m["content"] or VIDEO_PAD in m["content"]:
                     raise SampleError("token_grid_mismatch", "literal vision placeholder in text")
                 continue
             for part in m["content"]:
-                if part.get("type") == "video":
-                    raise SampleError("unsupported_video", "video samples need torchvision's video processor")
-                if part.get("type") != "image":
-                    continue
-                ref = part.get("image")
-                blob = record.get(ref) if ref else None
-                if blob is None:
-                    raise SampleError("missing_field", f"image {ref!r} not in record")
-                try:
-                    img = Image.open(io.BytesIO(blob))
-                    img.load()
-                except Exception as e:  # PIL raises many types for corrupt data
-                    raise SampleError("bad_image", f"{ref}: {e}") from e
-                images.append(img.convert("RGB"))
-        return images
+                if part.get("type") == "image":
+                    images.append(self._decode(record, part.get("image"), "image"))
+                elif part.get("type") == "video":
+                    if self.layout != "qwen2_5":
+                        # Qwen3-VL videos are per-frame blocks with timestamp text; this template renders one
+                        # contiguous block, which would give wrong positions under that layout.
+                        raise SampleError("unsupported_video", "video needs rope.layout=qwen2_5 (contiguous)")
+                    refs = part.get("video")
+                    if not isinstance(refs, list) or not refs:
+                        raise SampleError("missing_field", "video part without a list of frame members")
+                    frames = [self._decode(record, r, "video frame") for r in refs]
+                    videos.append((frames, float(part.get("fps", 2.0))))
+        return images, videos
 
     # -- tokens ----------------------------------------------------------------------------------------------
     def __call__(self, record: dict) -> Sample:
         key = str(record.get("__key__", "?"))
         messages = self._messages(record)
-        images = self._images(record, messages)
+        images, videos = self._media(record, messages)
         pixel_values, grid_thw = None, torch.zeros(0, 3, dtype=torch.long)
+        video_pixels, video_grid, seconds = None, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0)
+        if videos:
+            try:
+                parts = [video_patches(self.processor.image_processor, f, fps=fps) for f, fps in videos]
+            except ValueError as e:
+                raise SampleError("bad_image", f"video: {e}") from e
+            video_pixels = torch.cat([p for p, _, _ in parts])
+            video_grid = torch.cat([g for _, g, _ in parts]).long()
+            seconds = torch.tensor([t for _, _, t in parts], dtype=torch.float32)
         if images:
             try:
                 out = self.processor.image_processor(images=images, return_tensors="pt")
             except ValueError as e:  # e.g. smart_resize on a degenerate size or aspect ratio
                 raise SampleError("bad_image", f"image processor: {e}") from e
             pixel_values, grid_thw = out["pixel_values"], out["image_grid_thw"].long()
-        num_visual = (grid_thw.prod(-1) // self.merge_area).tolist()
+        num_visual = {
+            IMAGE_PAD: (grid_thw.prod(-1) // self.merge_area).tolist(),
+            VIDEO_PAD: (video_grid.prod(-1) // self.merge_area).tolist(),
+        }
 
         text = self.processor.tokenizer.apply_chat_template(messages, tokenize=False)
-        ids, labels, image_idx, cursor = [], [], 0, 0
+        ids, labels, cursor = [], [], 0
+        used = {IMAGE_PAD: 0, VIDEO_PAD: 0}
         for begin, end in [*assistant_spans(text), (len(text), len(text))]:
             for segment, supervised in ((text[cursor:begin], False), (text[begin:end], True)):
                 if not segment:
                     continue
-                n_pads = segment.count(IMAGE_PAD)
-                if image_idx + n_pads > len(num_visual):
-                    raise SampleError("token_grid_mismatch", "more image placeholders than images")
-                for n in num_visual[
-                    image_idx : image_idx + n_pads
-                ]:  # expand each placeholder to its token count
-                    segment = segment.replace(IMAGE_PAD, "\0" * n, 1)
-                segment = segment.replace("\0", IMAGE_PAD)
-                image_idx += n_pads
+                for pad, counts in num_visual.items():  # expand each placeholder to its grid's token count
+                    n_pads = segment.count(pad)
+                    if used[pad] + n_pads > len(counts):
+                        raise SampleError("token_grid_mismatch", f"more {pad} placeholders than media")
+                    for n in counts[used[pad] : used[pad] + n_pads]:
+                        segment = segment.replace(pad, "\0" * n, 1)
+                    segment = segment.replace("\0", pad)
+                    used[pad] += n_pads
                 seg_ids = self.processor.tokenizer(segment, add_special_tokens=False)["input_ids"]
                 ids += seg_ids
                 labels += seg_ids if supervised else [IGNORE_INDEX] * len(seg_ids)
             cursor = end
-        if image_idx != len(num_visual):
-            raise SampleError("token_grid_mismatch", f"{len(num_visual)} images but {image_idx} placeholders")
+        for pad, counts in num_visual.items():
+            if used[pad] != len(counts):
+                raise SampleError(
+                    "token_grid_mismatch", f"{len(counts)} media but {used[pad]} {pad} placeholders"
+                )
         input_ids = torch.tensor(ids, dtype=torch.long)
-        if int((input_ids == self.tokens.image_token_id).sum()) != sum(num_visual):
-            raise SampleError("token_grid_mismatch", "image token count differs from the grids")
+        for token_id, counts in (
+            (self.tokens.image_token_id, num_visual[IMAGE_PAD]),
+            (self.tokens.video_token_id, num_visual[VIDEO_PAD]),
+        ):
+            if int((input_ids == token_id).sum()) != sum(counts):
+                raise SampleError("token_grid_mismatch", "visual token count differs from the grids")
         if input_ids.numel() > self.max_tokens:
             # Dropped whole: cutting would either split a visual block or lose the supervised answer.
             raise SampleError("too_long", f"{input_ids.numel()} tokens > max_tokens={self.max_tokens}")
@@ -207,6 +245,8 @@ class SampleProcessor:
             input_ids[None],
             tokens=self.tokens,
             image_grid_thw=grid_thw if len(grid_thw) else None,
+            video_grid_thw=video_grid if len(video_grid) else None,
+            second_per_grid_ts=seconds if len(seconds) else None,
             layout=self.layout,
         )
         pos_3L = pos_3BL[:, 0]
@@ -222,5 +262,8 @@ class SampleProcessor:
             pixel_values=pixel_values,
             image_grid_thw=grid_thw,
             static_position_ids=static,
+            pixel_values_videos=video_pixels,
+            video_grid_thw=video_grid,
+            second_per_grid_ts=seconds,
             url=str(record.get("__url__", "")),
         )

@@ -36,6 +36,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+SYNTHETIC_FORMAT = 2  # bump when the generator changes: cached sets of another format are regenerated
 
 
 def draw_shape(
@@ -99,7 +100,7 @@ def _qa(rng: random.Random, f: dict) -> tuple[str, str]:
 
 
 def make_sample(rng: random.Random, index: int, min_size: int, max_size: int) -> dict:
-    """One record: 1 image (80%), 2 images (10%) or text only (10%), with 1-3 question/answer turns."""
+    """One record: 1 image (78%), 2 images (7%), a 4-frame video (5%) or text only (10%), 1-3 turns."""
     kind = rng.random()
     record: dict = {"__key__": f"{index:08d}"}
     messages: list[dict] = []
@@ -110,7 +111,30 @@ def make_sample(rng: random.Random, index: int, min_size: int, max_size: int) ->
                 {"role": "user", "content": f"What is {a} plus {b}?"},
                 {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
             ]
-    elif kind < 0.2:  # two images: compare them
+    elif kind < 0.15:  # a short video: the shape moves left or right, only the frame order tells which
+        colour, background = rng.sample(sorted(COLOURS), 2)
+        shape, rightwards = rng.choice(SHAPES), rng.random() < 0.5
+        size = (rng.randint(min_size, max_size), rng.randint(min_size, max_size))
+        order = (
+            ("bottom left", "center", "bottom right")
+            if rightwards
+            else ("bottom right", "center", "bottom left")
+        )
+        frames = [draw_shape(shape, colour, background, size, pos, 0.3) for pos in (*order, order[-1])]
+        names = [f"vid0.f{i:03d}.png" for i in range(len(frames))]
+        record.update({n: _png(f) for n, f in zip(names, frames)})
+        direction = "to the right" if rightwards else "to the left"
+        messages += [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": names, "fps": 2.0},
+                    {"type": "text", "text": f"Which way does the {shape} move?"},
+                ],
+            },
+            {"role": "assistant", "content": f"The {colour} {shape} moves {direction}."},
+        ]
+    elif kind < 0.22:  # two images: compare them
         (img0, f0), (img1, f1) = (_random_image(rng, min_size, max_size) for _ in range(2))
         record["img0.png"], record["img1.png"] = _png(img0), _png(img1)
         same = "the same shape" if f0["shape"] == f1["shape"] else "different shapes"
@@ -162,6 +186,7 @@ def write_synthetic_shards(
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.json"
     settings = {
+        "format": SYNTHETIC_FORMAT,
         "num_samples": num_samples,
         "samples_per_shard": samples_per_shard,
         "min_image_size": min_image_size,

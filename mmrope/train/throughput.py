@@ -34,10 +34,11 @@ class Throughput:
         """`rows` are this rank's rows; FLOPs are scaled to the whole step by `global_scale` (tokens_global /
         tokens_local), which is exact when ranks see similar row compositions and cheap (no extra collective)."""
         seqlens = [n for r in rows for n in seqlens_from_cu_seqlens(r["cu_seqlens"])]
-        grids = [
-            r["image_grid_thw"]
+        grids = [  # images and videos both go through the (frozen) ViT and the connector
+            r[key]
             for r in rows
-            if r.get("image_grid_thw") is not None and len(r["image_grid_thw"])
+            for key in ("image_grid_thw", "video_grid_thw")
+            if r.get(key) is not None and len(r[key])
         ]
         grid = torch.cat(grids) if grids else None
         local_supervised = num_supervised_global / max(global_scale, 1e-9)
