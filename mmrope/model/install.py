@@ -18,6 +18,12 @@ Module composition, no monkey-patching of transformers functions:
 Packing, padding and DIPE inputs travel as `**kwargs` of the model forward down to `self_attn` (transformers 5.x
 forwards them); build them with `seam_kwargs`. Positions always arrive with the batch (3 rows): the model never
 re-derives them from token ids.
+
+Probing (issue 8, `mmrope.eval.probe`): an optional `mmrope_probe=<recorder>` kwarg makes every installed layer
+hand its ROTATED queries/keys (DIPE: the dynamic and static queries and the modality routing) and its packing to
+`recorder.record(...)` on full forwards, so statistics such as the attention share to visual tokens are computed
+from exactly the tensors and masks the attention itself uses. The recorder is duck-typed (this module never
+imports the eval package); see `mmrope.eval.probe.ProbeRecorder`.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from mmrope.attention import (
     dipe_attention,
     dipe_decode_attention,
     doc_ids_from_attention_mask,
+    doc_ids_from_cu_seqlens,
     packed_attention,
 )
 from mmrope.encodings import Encoding
 
 ATTN_IMPLEMENTATION = "mmrope"
 ATTN_BACKENDS = ("eager", "sdpa", "sdpa_varlen", "flex", "flash")
+PROBE_KWARG = "mmrope_probe"  # optional forward kwarg: an object with `record(layer_idx, **tensors)`
 
 
 def _not_installed(module: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -197,11 +205,36 @@ class MMRopeAttention(nn.Module):
         if past_key_values is not None:  # the cache holds keys rotated once with their dynamic positions
             k_rot_BHkvLD, v_BHkvLD = past_key_values.update(k_rot_BHkvLD, v_BHkvLD, self.layer_idx)
 
+        probe = kwargs.get(PROBE_KWARG)
+        if probe is not None:
+            self._probe(probe, q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, q_len, kwargs)
+
         if k_rot_BHkvLD.shape[2] == q_len:
             out_BLHD = self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
         else:
             out_BLHD = self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
         return self.o_proj(out_BLHD.reshape(num_rows, q_len, -1)), None
+
+    def _probe(self, probe: Any, q_dyn, q_sta, k, q_len: int, kwargs: dict[str, Any]) -> None:
+        """Hand the rotated q/k and the masks of this call to `probe.record` (no effect on the output)."""
+        if k.shape[2] != q_len:
+            raise ValueError(
+                f"{PROBE_KWARG}: probes run on full forwards only, not on KV-cache decoding steps"
+            )
+        doc_ids_BL = kwargs.get("mmrope_doc_ids")
+        cu_seqlens = kwargs.get("mmrope_cu_seqlens")
+        if doc_ids_BL is None and cu_seqlens is not None and cu_seqlens.numel() != q_dyn.shape[0] + 1:
+            doc_ids_BL = doc_ids_from_cu_seqlens(cu_seqlens, q_len, num_rows=q_dyn.shape[0])
+        with torch.no_grad():
+            probe.record(
+                self.layer_idx,
+                q_dyn_BHLD=q_dyn.detach(),
+                k_BHkvLD=k.detach(),
+                scale=self.scaling,
+                doc_ids_BL=doc_ids_BL,
+                q_sta_BHLD=q_sta.detach() if q_sta is not None else None,
+                route_visual_BL=kwargs.get("mmrope_visual_mask") if self.dipe else None,
+            )
 
     def _full(self, q_dyn, q_sta, k, v, kwargs: dict[str, Any]) -> Tensor:
         doc_ids_BL = kwargs.get("mmrope_doc_ids")

@@ -242,6 +242,34 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (`mmrope.train.eval`): held-out loss and the visual-fading probe."""
+
+    every: int = 0  # evaluate every N optimizer steps; 0 disables
+    shards: list[str] = field(default_factory=list)  # held-out shards; empty = synthetic ones, another seed
+    synthetic_samples: int = 64  # size of the generated held-out set (when `shards` is empty)
+    max_batches: int = 8  # packed rows scored for eval/loss; 0 = the whole held-out set
+    probe_distances: list[int] = field(default_factory=lambda: [0, 64])  # distractor tokens image -> question
+    probe_samples: int = 8  # image+question samples probed at each distance; 0 disables the probe
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "trainer.eval.every", f"must be >= 0 (0 disables), got {self.every}")
+        _require(self.synthetic_samples >= 1, "trainer.eval.synthetic_samples", "must be >= 1")
+        _require(self.max_batches >= 0, "trainer.eval.max_batches", "must be >= 0 (0 = all held-out rows)")
+        _require(self.probe_samples >= 0, "trainer.eval.probe_samples", "must be >= 0 (0 disables the probe)")
+        _require(
+            all(isinstance(d, int) and d >= 0 for d in self.probe_distances),
+            "trainer.eval.probe_distances",
+            f"must be non-negative integers, got {list(self.probe_distances)}",
+        )
+        _require(
+            len(set(self.probe_distances)) == len(self.probe_distances),
+            "trainer.eval.probe_distances",
+            f"must not repeat a distance, got {list(self.probe_distances)}",
+        )
+
+
+@dataclass
 class TrainerConfig:
     run_name: str = (
         "tiny-default"  # the run directory is output_dir/run_name: a requeued job finds its checkpoints
@@ -263,6 +291,7 @@ class TrainerConfig:
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: abort once more steps than this were skipped
     requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
     debug_inject_nan_at_step: int = 0  # testing aid: make the loss of this (1-based) step NaN; 0 = off
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out loss + probe every `eval.every` steps
 
     def __post_init__(self) -> None:
         _require(

@@ -66,6 +66,7 @@ class Trainer:
             None  # set by the session when FLOPs can be counted for the model
         )
         self._step_composition: dict = {}
+        self.evaluator = None  # mmrope.train.eval.Evaluator, set by the session when trainer.eval.every > 0
 
     def train(self) -> TrainResult:
         """Train to trainer.max_steps. On a preemption signal: save, then raise `Preempted` (a SystemExit
@@ -92,14 +93,18 @@ class Trainer:
             last = loss
             lr = self.engine.get_lr()[0]
             self.metrics.progress(self.step, loss, lr)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            step_time = time.perf_counter() - tic
+            # Every rank evaluates (same rows, ZeRO-3 gathers in lockstep); logged in this step's record.
+            evals = self.evaluator.maybe_run(self.step) if self.evaluator is not None else {}
+            if evals or self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.metrics.log(
                     self.step,
                     {
                         "train/loss": loss,
                         "train/lr": lr,
-                        "train/step_time_s": time.perf_counter() - tic,
+                        "train/step_time_s": step_time,
                         **stats,
+                        **evals,
                     },
                 )
             if self.step % t.save_every == 0 or self.step == t.max_steps:

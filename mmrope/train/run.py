@@ -185,6 +185,11 @@ def build_session(cfg: TrainConfig) -> Session:
         model.config, peak_tflops=cfg.trainer.peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
     )
     trainer.nonfinite_skips = rank_state.get("nonfinite_skips", 0)
+    if cfg.trainer.eval.every > 0:
+        from mmrope.train.eval import Evaluator, eval_shard_urls
+
+        urls = eval_shard_urls(cfg, rank0_first=lambda fn: _rank0_first(d, fn))
+        trainer.evaluator = Evaluator(cfg, engine.module, sample_processor, encoding, urls, d.device)
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 

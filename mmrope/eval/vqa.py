@@ -1,0 +1,498 @@
+"""Long-context VQA: accuracy vs. inter-modal distance (specs/dipe.md section 7).
+
+    python -m mmrope.eval.vqa --checkpoint exported/mrope --checkpoint exported/mrope_dipe \\
+        --data vqa/items.jsonl --distances 0,1024,2048,4096,8192,16384,32768 --corpus 'essays/*.txt' --out eval/
+
+For every exported checkpoint (`python -m mmrope.train.export`: stock transformers weights + processor +
+`mmrope_encoding.json`) and every distance d, each item is prompted as one user turn (its image(s), then the
+question and any options) followed by the generation prompt, with d tokens of distractor text spliced between
+the last image and the question; the answer is generated greedily with the KV cache and scored
+(`mmrope.eval.scoring.score`). The distractors of distance d are the first d tokens of the corpus, so a longer
+distance extends a shorter one. Writes `<out>/vqa.csv` (checkpoint, distance, n, accuracy), `<out>/vqa.png`
+(accuracy vs. distance, one curve per checkpoint) and `<out>/predictions.jsonl` (one line per item and distance).
+
+Data (`--data`, several allowed):
+- webdataset shards in the project format (`.tar`, brace patterns ok): `<key>.json` holds `{"messages": [...]}`
+  (+ optional `"options": [...]`); the messages before the first assistant turn are the prompt, used as
+  they are, and the first assistant turn's text is the answer;
+- JSON (a list, or `{"items": [...]}`) or JSONL; an item is `{"image": path | "images": [paths], "question":
+  str, "answer": str, "options": [str, ...] (optional), "id": str (optional)}`, paths relative to the file.
+  The question gets the options as `A. ...` lines and an instruction to answer with a letter (or, without
+  options, with a single word or phrase), the LLaVA evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from data.processing import IGNORE_INDEX, Sample, SampleProcessor, token_ids_for
+from data.processor import VLProcessor, load_processor
+from mmrope.encodings import Encoding, TokenIds, build
+from mmrope.eval.distractors import distractor_ids, insert_distractor, load_corpus
+from mmrope.eval.scoring import option_letters, score
+
+DEFAULT_DISTANCES = (0, 1024, 2048, 4096, 8192, 16384, 32768)
+ENCODING_FILE = "mmrope_encoding.json"
+OPTIONS_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class VQAItem:
+    key: str
+    messages: list[dict]  # the prompt turns (chat format); images referenced by member name
+    answer: str
+    options: list[str] | None
+    images: dict[str, bytes]  # member name -> encoded image
+
+
+@dataclass
+class Checkpoint:
+    """An exported checkpoint loaded for evaluation: the model with its encoding installed."""
+
+    path: str
+    model: nn.Module
+    processor: VLProcessor
+    encoding: Encoding
+    tokens: TokenIds
+    layout: str
+    dipe: bool
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+def question_text(question: str, options: Sequence[str] | None) -> str:
+    """The user text of a JSON item.
+
+    >>> question_text("What animal?", ["cat", "dog"])
+    "What animal?\\nA. cat\\nB. dog\\nAnswer with the option's letter from the given choices directly."
+    """
+    if options:
+        lines = [f"{letter}. {option}" for letter, option in zip(option_letters(len(options)), options)]
+        return "\n".join([question, *lines, OPTIONS_INSTRUCTION])
+    return f"{question}\n{OPEN_INSTRUCTION}"
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _check_options(options: Any, where: str) -> list[str] | None:
+    if options is None:
+        return None
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+        raise ValueError(f"{where}: `options` must be a non-empty list of strings, got {options!r:.80}")
+    option_letters(len(options))
+    return options
+
+
+def item_from_record(record: dict) -> VQAItem:
+    """A shard record -> item: the turns before the first assistant turn, whose text is the answer."""
+    key = str(record.get("__key__", "?"))
+    raw = record.get("json")
+    if raw is None:
+        raise ValueError(f"--data: record {key!r} has no .json member")
+    meta = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+    messages = meta.get("messages") if isinstance(meta, dict) else None
+    if not isinstance(messages, list):
+        raise ValueError(f"--data: record {key!r} has no `messages` list")
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+    if first is None or first == 0:
+        raise ValueError(f"--data: record {key!r} needs a prompt turn followed by an assistant turn")
+    prompt = messages[:first]
+    names = [
+        p["image"]
+        for m in prompt
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") == "image"
+    ]
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise ValueError(f"--data: record {key!r} lacks the image members {missing}")
+    return VQAItem(
+        key=key,
+        messages=prompt,
+        answer=_text_of(messages[first]["content"]).strip(),
+        options=_check_options(meta.get("options"), f"--data: record {key!r}"),
+        images={n: record[n] for n in names},
+    )
+
+
+def item_from_json(entry: dict, base: Path, index: int) -> VQAItem:
+    where = f"--data: {base} item {index}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an item must be an object, got {entry!r:.80}")
+    for field in ("question", "answer"):
+        if not isinstance(entry.get(field), str):
+            raise ValueError(f"{where}: `{field}` must be a string")
+    paths = entry.get("images", [entry["image"]] if "image" in entry else None)
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{where}: needs `image` (a path) or `images` (a non-empty list of paths)")
+    options = _check_options(entry.get("options"), where)
+    images, parts = {}, []
+    for i, p in enumerate(paths):
+        path = Path(p) if Path(p).is_absolute() else base / p
+        if not path.is_file():
+            raise ValueError(f"{where}: image {str(path)!r} not found")
+        name = f"img{i}{path.suffix or '.png'}"
+        images[name] = path.read_bytes()
+        parts.append({"type": "image", "image": name})
+    parts.append({"type": "text", "text": question_text(entry["question"], options)})
+    return VQAItem(
+        key=str(entry.get("id", index)),
+        messages=[{"role": "user", "content": parts}],
+        answer=entry["answer"].strip(),
+        options=options,
+        images=images,
+    )
+
+
+def read_items(data: Sequence[str], limit: int | None = None) -> list[VQAItem]:
+    """Items from shards (`.tar`, brace patterns) and JSON/JSONL files, in the order given."""
+    import webdataset as wds
+
+    from data.loader import expand_urls
+
+    items: list[VQAItem] = []
+    for source in data:
+        if source.endswith((".json", ".jsonl")):
+            path = Path(source)
+            if not path.is_file():
+                raise ValueError(f"--data: {source!r} is not a file")
+            text = path.read_text()
+            if source.endswith(".jsonl"):
+                entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                loaded = json.loads(text)
+                entries = loaded.get("items") if isinstance(loaded, dict) else loaded
+                if not isinstance(entries, list):
+                    raise ValueError(f"--data: {source!r} must hold a list of items or {{'items': [...]}}")
+            items += [item_from_json(e, path.parent, i) for i, e in enumerate(entries)]
+        else:
+            for url in expand_urls(source):
+                if not Path(url).is_file():
+                    raise ValueError(f"--data: shard {url!r} not found")
+                items += [item_from_record(r) for r in wds.tarfile_to_samples()([{"url": url}])]
+    if not items:
+        raise ValueError(f"--data: no items in {list(data)}")
+    return items[:limit] if limit else items
+
+
+def item_sample(item: VQAItem, sample_processor: SampleProcessor) -> Sample:
+    """Prompt + gold answer as a Sample (the answer is supervised: it marks where the prompt ends)."""
+    messages = [*item.messages, {"role": "assistant", "content": item.answer}]
+    return sample_processor({"__key__": item.key, "json": {"messages": messages}, **item.images})
+
+
+def prompt_ids(sample: Sample) -> Tensor:
+    """The prompt of a Sample: everything before its first supervised token (ends with the generation prompt)."""
+    first = int((sample.labels != IGNORE_INDEX).nonzero()[0])
+    return sample.input_ids[:first]
+
+
+# -- model -------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32, attn_backend: str = "sdpa"
+) -> Checkpoint:
+    """An exported checkpoint: the stock transformers class + its encoding (and DIPE) installed, and its processor."""
+    from mmrope.model.build import FAMILY_CLASSES
+    from mmrope.model.install import install
+
+    path_ = Path(path)
+    meta_file = path_ / ENCODING_FILE
+    if not meta_file.is_file():
+        raise ValueError(
+            f"--checkpoint: {str(path)!r} has no {ENCODING_FILE} (export it with mmrope.train.export)"
+        )
+    meta = json.loads(meta_file.read_text())
+    family = meta.get("model_family", "qwen2_5_vl")
+    if family not in FAMILY_CLASSES:
+        raise ValueError(
+            f"--checkpoint: {ENCODING_FILE} model_family {family!r} not in {sorted(FAMILY_CLASSES)}"
+        )
+    model = FAMILY_CLASSES[family].from_pretrained(
+        path_, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    )
+    model.to(device).eval()
+    encoding = build(meta["name"], **meta.get("hparams", {}))
+    dipe = bool(meta.get("dipe", False))
+    install(model, encoding, attn_backend=attn_backend, dipe=dipe)
+    processor = load_processor(path_)
+    layout = meta.get("layout") or ("qwen2_5" if family == "qwen2_5_vl" else "qwen3")
+    return Checkpoint(str(path), model, processor, encoding, token_ids_for(processor), layout, dipe)
+
+
+def _decode_answer(processor: VLProcessor, new_ids: Tensor) -> str:
+    ids = processor.special_ids
+    stops = {ids["eos_token_id"], ids["pad_token_id"]}
+    kept = []
+    for token in new_ids.tolist():
+        if token in stops:
+            break
+        kept.append(token)
+    return processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def generate_answers(ckpt: Checkpoint, samples: list[Sample], max_new_tokens: int) -> list[str]:
+    """Greedy answers for a batch of prompts (left padded, as `greedy_generate` expects)."""
+    from mmrope.model.generate import greedy_generate
+
+    device = next(ckpt.model.parameters()).device
+    dtype = next(ckpt.model.parameters()).dtype
+    prompts = [prompt_ids(s) for s in samples]
+    length = max(p.numel() for p in prompts)
+    pad = ckpt.processor.special_ids["pad_token_id"]
+    ids_BL = torch.full((len(prompts), length), pad, dtype=torch.long)
+    mask_BL = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids_BL[row, length - p.numel() :] = p
+        mask_BL[row, length - p.numel() :] = 1
+    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+    grids = [s.image_grid_thw for s in samples if len(s.image_grid_thw)]
+    out_BN = greedy_generate(
+        ckpt.model,
+        ckpt.encoding,
+        ids_BL.to(device),
+        pixel_values=torch.cat(pixels).to(device, dtype) if pixels else None,
+        image_grid_thw=torch.cat(grids).to(device) if grids else None,
+        attention_mask_BL=mask_BL.to(device),
+        max_new_tokens=max_new_tokens,
+        tokens=ckpt.tokens,
+        layout=ckpt.layout,
+        dipe=ckpt.dipe,
+    )
+    return [_decode_answer(ckpt.processor, row[length:].cpu()) for row in out_BN]
+
+
+def evaluate(
+    ckpt: Checkpoint,
+    items: list[VQAItem],
+    distances: Sequence[int],
+    corpus: str,
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> tuple[list[dict], list[dict]]:
+    """(rows of (checkpoint, distance, n, accuracy), per-item predictions) of one checkpoint."""
+    from tqdm import tqdm
+
+    # Positions (and DIPE's static ones) are recomputed from the tokens by greedy_generate; no need here.
+    sample_processor = SampleProcessor(ckpt.processor, ckpt.encoding, max_tokens=1 << 62, layout=ckpt.layout)
+    bases = [item_sample(item, sample_processor) for item in items]
+    tokenizer = ckpt.processor.tokenizer
+    correct = {d: 0 for d in distances}
+    predictions: list[dict] = []
+    bar = tqdm(
+        total=len(items) * len(distances), desc=Path(ckpt.path).name, unit="item", disable=not progress
+    )
+    for start in range(0, len(items), batch_size):
+        chunk = range(start, min(start + batch_size, len(items)))
+        for distance in distances:
+            ids_N = distractor_ids(tokenizer, corpus, distance)
+            samples = [
+                insert_distractor(
+                    bases[i],
+                    ids_N,
+                    tokens=ckpt.tokens,
+                    encoding=ckpt.encoding,
+                    layout=ckpt.layout,
+                    dipe=False,
+                )
+                for i in chunk
+            ]
+            answers = generate_answers(ckpt, samples, max_new_tokens)
+            for i, prediction in zip(chunk, answers):
+                item = items[i]
+                ok = score(prediction, item.answer, item.options)
+                correct[distance] += int(ok)
+                predictions.append(
+                    {
+                        "checkpoint": ckpt.path,
+                        "distance": distance,
+                        "key": item.key,
+                        "prediction": prediction,
+                        "answer": item.answer,
+                        "options": item.options,
+                        "correct": ok,
+                    }
+                )
+            bar.update(len(chunk))
+    bar.close()
+    rows = [
+        {"checkpoint": ckpt.path, "distance": d, "n": len(items), "accuracy": correct[d] / len(items)}
+        for d in distances
+    ]
+    return rows, predictions
+
+
+# -- outputs -----------------------------------------------------------------------------------------------------
+
+
+def _distance_label(distance: int) -> str:
+    return f"{distance // 1024}K" if distance % 1024 == 0 else str(distance)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["checkpoint", "distance", "n", "accuracy"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy vs. distance, one curve per checkpoint; distances evenly spaced like the paper's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    distances = sorted({r["distance"] for r in rows})
+    x_of = {d: i for i, d in enumerate(distances)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for checkpoint in dict.fromkeys(r["checkpoint"] for r in rows):
+        mine = sorted((r for r in rows if r["checkpoint"] == checkpoint), key=lambda r: r["distance"])
+        ax.plot(
+            [x_of[r["distance"]] for r in mine],
+            [100 * r["accuracy"] for r in mine],
+            marker="o",
+            label=checkpoint,
+        )
+    ax.set_xticks(range(len(distances)), [_distance_label(d) for d in distances])
+    ax.set_xlabel("inter-modal distance (distractor tokens between image and question)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Long-context VQA (n = {rows[0]['n']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_distances(text: str) -> list[int]:
+    try:
+        distances = [int(d) for d in text.split(",") if d.strip()]
+    except ValueError as e:
+        raise ValueError(f"--distances: expected comma-separated token counts, got {text!r}") from e
+    if not distances or any(d < 0 for d in distances) or len(set(distances)) != len(distances):
+        raise ValueError(f"--distances: expected distinct counts >= 0, got {text!r}")
+    return distances
+
+
+def run_vqa(
+    checkpoints: Sequence[str],
+    data: Sequence[str],
+    out: str | Path,
+    *,
+    distances: Sequence[int] = DEFAULT_DISTANCES,
+    corpus: Sequence[str] | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 1,
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_backend: str = "sdpa",
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every checkpoint at every distance; write vqa.csv, vqa.png and predictions.jsonl under `out`."""
+    if not checkpoints:
+        raise ValueError("--checkpoint: give at least one exported checkpoint directory")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    torch_device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    )
+    if dtype == "auto":
+        dtype = "bf16" if torch_device.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
+    items = read_items(data, limit)
+    corpus_text = load_corpus(list(corpus) if corpus else None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with (out / "predictions.jsonl").open("w") as f:
+        for path in checkpoints:
+            ckpt = load_checkpoint(path, device=torch_device, dtype=DTYPES[dtype], attn_backend=attn_backend)
+            ckpt_rows, predictions = evaluate(
+                ckpt,
+                items,
+                distances,
+                corpus_text,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            rows += ckpt_rows
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+            for r in ckpt_rows:
+                print(f"{path}  distance {r['distance']:>6}  n {r['n']}  accuracy {r['accuracy']:.4f}")
+            del ckpt
+            if torch_device.type == "cuda":
+                torch.cuda.empty_cache()  # the next checkpoint gets the memory
+    write_csv(rows, out / "vqa.csv")
+    plot(rows, out / "vqa.png")
+    print(f"wrote {out / 'vqa.csv'} and {out / 'vqa.png'}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mmrope.eval.vqa", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint", action="append", required=True, help="exported checkpoint dir (repeatable)"
+    )
+    p.add_argument(
+        "--data", action="append", required=True, help="shards (.tar, brace patterns) or .json/.jsonl"
+    )
+    p.add_argument(
+        "--distances", default=",".join(map(str, DEFAULT_DISTANCES)), help="comma-separated tokens"
+    )
+    p.add_argument(
+        "--corpus", nargs="+", default=None, help="distractor text files/globs (default: built-in)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1, help="items per generate call (left padded)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--attn-backend", default="sdpa", help="mmrope attention backend (sdpa, eager, flex, flash)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(argv)
+    run_vqa(
+        args.checkpoint,
+        args.data,
+        args.out,
+        distances=parse_distances(args.distances),
+        corpus=args.corpus,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        dtype=args.dtype,
+        attn_backend=args.attn_backend,
+    )
+
+
+if __name__ == "__main__":
+    main()
