@@ -128,7 +128,8 @@ def build_session(cfg: TrainConfig) -> Session:
     apply_activation_checkpointing(
         model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
     )
-    engine, _, _ = build_engine(SFTObjective(model, zero_stage=cfg.deepspeed.stage), cfg, d.world_size)
+    objective = SFTObjective(model, zero_stage=cfg.deepspeed.stage, balance_vision=d.world_size > 1)
+    engine, _, _ = build_engine(objective, cfg, d.world_size)
 
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last

@@ -37,9 +37,14 @@ def main() -> None:
     s = build_session(cfg)
     module = s.engine.module.vlm
     initial = full_params(module, cfg.deepspeed.stage)
-    losses = [s.trainer.train_step()[0] for _ in range(steps)]
+    losses, media = [], []
+    for _ in range(steps):
+        losses.append(s.trainer.train_step()[0])
+        rows = s.trainer._step_composition["rows"]  # what this rank's rows held: ranks may differ
+        media.append(sorted({k for r in rows for k in ("pixel_values", "pixel_values_videos") if k in r}))
+    params = full_params(module, cfg.deepspeed.stage)
     torch.save(
-        {"losses": losses, "params": full_params(module, cfg.deepspeed.stage), "initial": initial},
+        {"losses": losses, "media": media, "params": params, "initial": initial},
         out_dir / f"rank_{s.dist.rank}.pt",
     )
 
