@@ -1,0 +1,353 @@
+"""One optimizer step at 32K tokens: mmrope's path against transformers' default path, same model, same samples.
+
+    python tests/perf/gpu_bench_step.py                                   # GPU: Qwen2.5-VL-7B shapes, 32768 tokens
+    python tests/perf/gpu_bench_step.py --preset tiny --device cpu --tokens 2048 --steps 1   # smoke test anywhere
+
+Both paths train the same randomly initialised Qwen2.5-VL-shaped model (ViT frozen; connector + LLM trained;
+bf16 weights and AdamW states on GPU, activation checkpointing on every LLM layer) on the same LLaVA-like
+samples (text, one image of 64-576 visual tokens, question, supervised answer):
+- mmrope: the samples packed into ONE row of <= --tokens tokens (cu_seqlens), encoding installed through the
+  seam with per-sample SDPA attention (no attention across samples, no padding), chunked linear cross-entropy
+  on supervised tokens only;
+- baseline (the usual recipe): micro batches of --micro samples padded to their longest, transformers' stock
+  attention with a padding mask, full-vocabulary logits and transformers' loss, accumulated over the same
+  samples (each micro batch weighted by its share of supervised tokens, so both optimise the same loss).
+Reported per path: step time, real tokens/s, MFU (model FLOPs of the real tokens, mmrope.train.flops
+convention, against --peak-tflops), peak memory, and the first step's loss. The optimizer runs with lr=0 (same
+work, weights unchanged), so both paths see identical weights and their losses must agree (loss_abs_diff).
+Needs only torch, transformers and this repository (no DeepSpeed): the optimizer is torch AdamW on the bf16
+parameters, identical for both paths; its time is included in the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mmrope.encodings import TokenIds, build  # noqa: E402
+from mmrope.model.install import install  # noqa: E402
+from mmrope.model.objective import SFTObjective  # noqa: E402
+from mmrope.train.flops import shapes_from_hf_config, step_flops  # noqa: E402
+
+PRESETS = {
+    "qwen25vl_7b": {
+        "text": dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+        ),
+        "vision": dict(
+            depth=32,
+            hidden_size=1280,
+            num_heads=16,
+            intermediate_size=3420,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+    },
+    "tiny": {
+        "text": dict(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=512,
+            vocab_size=1024,
+        ),
+        "vision": dict(
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            out_hidden_size=256,
+            fullatt_block_indexes=[1],
+        ),
+    },
+}
+
+
+def make_model(preset: str, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    p = PRESETS[preset]
+    vocab = p["text"]["vocab_size"]
+    ids = dict(
+        image_token_id=vocab - 5,
+        video_token_id=vocab - 4,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **p["text"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            "max_position_embeddings": 32768,
+            "pad_token_id": vocab - 1,
+            "bos_token_id": None,
+            "eos_token_id": vocab - 6,
+        },
+        vision_config={
+            **p["vision"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+        },
+        tie_word_embeddings=False,
+        **ids,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    for name, param in model.named_parameters():  # paper recipe: ViT frozen, connector + LLM trained
+        param.requires_grad_(".merger." in name or ".visual." not in f".{name}")
+    tokens = TokenIds(**ids)
+    return model, tokens
+
+
+def make_samples(budget: int, tokens: TokenIds, vocab: int, seed: int = 0) -> list[dict]:
+    """LLaVA-like samples whose total length fills `budget` tokens (lengths 150-1100, images 64-576 tokens)."""
+    rng = random.Random(seed)
+    samples, used = [], 0
+    while True:
+        gh, gw = 2 * rng.randint(8, 24), 2 * rng.randint(8, 24)  # patches: 16..48 per side
+        n_img = gh * gw // 4
+        prefix, question, answer = rng.randint(10, 60), rng.randint(8, 40), rng.randint(16, 300)
+        n = prefix + 1 + n_img + 1 + question + answer
+        if used + n > budget:
+            break
+        text = lambda k: [rng.randrange(0, vocab - 8) for _ in range(k)]  # noqa: E731
+        ids = (
+            text(prefix)
+            + [tokens.vision_start_token_id]
+            + [tokens.image_token_id] * n_img
+            + [tokens.vision_end_token_id]
+            + text(question)
+            + text(answer)
+        )
+        labels = [-100] * (n - answer) + ids[n - answer :]
+        samples.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "grid": torch.tensor([[1, gh, gw]]),
+            }
+        )
+        used += n
+    return samples
+
+
+def pixels_for(grid: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+
+
+def mmrope_row(samples, encoding, tokens, device, dtype) -> dict:
+    ids = torch.cat([s["input_ids"] for s in samples])
+    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples])
+    grid = torch.cat([s["grid"] for s in samples])
+    pos = torch.cat(
+        [
+            encoding.position_ids(
+                s["input_ids"][None], tokens=tokens, image_grid_thw=s["grid"], layout="qwen2_5"
+            )[0][:, 0]
+            for s in samples
+        ],
+        dim=-1,
+    )
+    return {
+        "input_ids": ids[None].to(device),
+        "labels": torch.cat([s["labels"] for s in samples])[None].to(device),
+        "position_ids": pos[:, None].to(device),
+        "cu_seqlens": lengths.cumsum(0).to(torch.int32).to(device),
+        "image_grid_thw": grid.to(device),
+        "pixel_values": pixels_for(grid, 0).to(device, dtype),
+    }
+
+
+def baseline_batches(samples, tokens, micro, pad_id, device, dtype) -> list[dict]:
+    batches, offset = [], 0
+    for i in range(0, len(samples), micro):
+        chunk = samples[i : i + micro]
+        width = max(len(s["input_ids"]) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, s in enumerate(chunk):  # right padding, as the usual collator does
+            n = len(s["input_ids"])
+            ids[b, :n], labels[b, :n], mask[b, :n] = s["input_ids"], s["labels"], 1
+        grid = torch.cat([s["grid"] for s in chunk])
+        # Same pixels as the packed row: the slice of the row's pixel tensor that belongs to these images.
+        num_patches = int(grid.prod(-1).sum())
+        batches.append(
+            {
+                "input_ids": ids.to(device),
+                "labels": labels.to(device),
+                "attention_mask": mask.to(device),
+                "mm_token_type_ids": (ids == tokens.image_token_id).int().to(device),
+                "image_grid_thw": grid.to(device),
+                "patch_offset": offset,
+                "num_patches": num_patches,
+            }
+        )
+        offset += num_patches
+    return batches
+
+
+def timed_steps(step_fn, steps: int, device: torch.device) -> tuple[float, float, float]:
+    """(first loss, mean seconds per step after one warm-up, peak memory GiB)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    first = step_fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - tic)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return first, sum(times) / len(times), peak
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="qwen25vl_7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--micro", type=int, default=4, help="baseline samples per padded micro batch")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="per-device dense bf16 peak (H100/H200 SXM)"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokens = make_model(args.preset, device, dtype)
+    vocab = model.config.text_config.vocab_size
+    samples = make_samples(args.tokens, tokens, vocab)
+    num_real = sum(len(s["input_ids"]) for s in samples)
+    num_sup = sum(
+        int((s["labels"] != -100).sum()) - 1 for s in samples
+    )  # last label of a sample predicts nothing
+    llm, vit = shapes_from_hf_config(model.config)
+    grid_all = torch.cat([s["grid"] for s in samples])
+    flops = step_flops(llm, vit, [len(s["input_ids"]) for s in samples], num_sup, grid_all)["total"]
+    pixels_all = pixels_for(grid_all, 0).to(device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # -- baseline: stock model, padded micro batches, full logits --------------------------------------------
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    # lr=0: AdamW does all its work (same step time) but the weights stay put, so both paths are measured on
+    # identical weights and their losses must agree.
+    opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.98), weight_decay=0.05, fused=device.type == "cuda")
+    batches = baseline_batches(
+        samples, tokens, args.micro, model.config.text_config.pad_token_id, device, dtype
+    )
+    num_padded = sum(b["input_ids"].numel() for b in batches)
+
+    def baseline_step() -> float:
+        total = 0.0
+        for b in batches:
+            sup = int((b["labels"][:, 1:] != -100).sum())
+            pv = pixels_all[b["patch_offset"] : b["patch_offset"] + b["num_patches"]]
+            out = model(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                pixel_values=pv,
+                image_grid_thw=b["image_grid_thw"],
+                mm_token_type_ids=b["mm_token_type_ids"],
+                labels=b["labels"],
+                use_cache=False,
+            )
+            loss = out.loss * (
+                sup / num_sup
+            )  # HF averages per micro batch: reweight to the step's token mean
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    results = {
+        "preset": args.preset,
+        "device": str(device),
+        "torch": torch.__version__,
+        "samples": len(samples),
+        "real_tokens": num_real,
+        "supervised_tokens": num_sup,
+        "baseline_padded_tokens": num_padded,
+        "model_tflops_per_step": flops / 1e12,
+    }
+    try:
+        loss, secs, peak = timed_steps(baseline_step, args.steps, device)
+        results["baseline"] = {
+            "first_loss": loss,
+            "step_s": secs,
+            "tokens_per_s": num_real / secs,
+            "mfu": flops / secs / (args.peak_tflops * 1e12),
+            "peak_mem_gib": peak,
+        }
+    except torch.OutOfMemoryError as e:
+        results["baseline"] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+    del opt
+    model.gradient_checkpointing_disable()
+    for p in params:
+        p.grad = None
+
+    # -- mmrope: packed row, installed encoding, per-sample SDPA, chunked loss --------------------------------
+    encoding = build("mrope")
+    install(model, encoding, attn_backend="sdpa_varlen")
+    from mmrope.model.recompute import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, "all")
+    objective = SFTObjective(model)
+    row = mmrope_row(samples, encoding, tokens, device, dtype)
+    row["pixel_values"] = pixels_all
+    opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.98), weight_decay=0.05, fused=device.type == "cuda")
+
+    def mmrope_step() -> float:
+        loss = objective(row, num_global_tokens=num_sup)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
+    results["mmrope"] = {
+        "first_loss": loss,
+        "step_s": secs,
+        "tokens_per_s": num_real / secs,
+        "mfu": flops / secs / (args.peak_tflops * 1e12),
+        "peak_mem_gib": peak,
+    }
+    if "step_s" in results["baseline"]:
+        results["loss_abs_diff"] = abs(results["mmrope"]["first_loss"] - results["baseline"]["first_loss"])
+        results["speedup_tokens_per_s"] = (
+            results["mmrope"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+        )
+    print(json.dumps(results, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
