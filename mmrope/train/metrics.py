@@ -40,7 +40,8 @@ class Metrics:
                 config=flat_config,
                 resume="allow",
             )
-        self.bar = tqdm(
+        # The bar starts at the first step, so start-up messages print as plain lines above it.
+        self._bar_args = dict(
             total=cfg.trainer.max_steps,
             initial=start_step,
             desc=cfg.trainer.run_name,
@@ -58,6 +59,8 @@ class Metrics:
             self.run.log(values, step=step)
 
     def progress(self, step: int, loss: float, lr: float) -> None:
+        if self.enabled and self.bar is None:
+            self.bar = tqdm(**self._bar_args)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
