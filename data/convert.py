@@ -14,8 +14,8 @@ images get the missing ones at the start of the first user turn.
 
 Output, per accepted record: `<key>.json` {"messages": [...], "id": original id} whose image parts reference
 members `<key>.img0.<ext>` (bytes copied unchanged), video parts `{"type": "video", "video": [frame members]}`
-(`<key>.vid0.f000.<ext>`, ...). Videos train on the Qwen2.5-VL (contiguous)
-layout (data/video.py); under the Qwen3-VL per-frame layout they are skipped as `unsupported_video`.
+(`<key>.vid0.f000.<ext>`, ...). Videos train in both layouts (data/video.py): one
+contiguous block (Qwen2.5-VL) or per-frame blocks with timestamps (Qwen3-VL).
 `--max-shard-bytes` bounds the member payload per shard (webdataset's ShardWriter maxsize; tar headers add
 ~1 KiB per member on top). Also written: `index.json` (per-shard sample counts, rejects by reason) and `rejected.jsonl` (one line per
 rejected record: index, id, reason, detail). Reasons: bad_json, bad_structure, missing_image, bad_image,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from data.processor import IM_END, IMAGE_PAD, VIDEO_PAD, VLProcessor
-from data.video import video_patches
+from data.video import qwen3_frame_blocks, video_patches
 from mmrope.encodings import Encoding, TokenIds, anchored_positions
 
 IGNORE_INDEX = -100
@@ -166,10 +166,6 @@ class SampleProcessor:
                 if part.get("type") == "image":
                     images.append(self._decode(record, part.get("image"), "image"))
                 elif part.get("type") == "video":
-                    if self.layout != "qwen2_5":
-                        # Qwen3-VL videos are per-frame blocks with timestamp text; this template renders one
-                        # contiguous block, which would give wrong positions under that layout.
-                        raise SampleError("unsupported_video", "video needs rope.layout=qwen2_5 (contiguous)")
                     refs = part.get("video")
                     if not isinstance(refs, list) or not refs:
                         raise SampleError("missing_field", "video part without a list of frame members")
@@ -204,6 +200,18 @@ class SampleProcessor:
         }
 
         text = self.processor.tokenizer.apply_chat_template(messages, tokenize=False)
+        if self.layout == "qwen3" and videos:  # per-frame `<t seconds> VS ... VE` blocks (Qwen3-VL)
+            try:
+                text, num_visual[VIDEO_PAD] = qwen3_frame_blocks(
+                    text,
+                    [len(f) for f, _ in videos],
+                    video_grid,
+                    [fps for _, fps in videos],
+                    self.merge_area,
+                    int(self.processor.image_processor.temporal_patch_size),
+                )
+            except ValueError as e:
+                raise SampleError("token_grid_mismatch", str(e)) from e
         ids, labels, cursor = [], [], 0
         used = {IMAGE_PAD: 0, VIDEO_PAD: 0}
         for begin, end in [*assistant_spans(text), (len(text), len(text))]:

@@ -164,8 +164,7 @@ def test_messages_jsonl_and_bad_lines(tmp_path):
 
 
 def test_converted_shards_train(tmp_path, tiny_processor):
-    """Converted shards feed the loader: image and video samples train (Qwen2.5-VL layout); under the
-    Qwen3-VL per-frame layout the video sample is a counted `unsupported_video` skip."""
+    """Converted shards feed the loader: image and video samples train under both layouts."""
     from data.loader import PackedRowStream
     from data.processing import SampleProcessor
     from mmrope.encodings import build
@@ -196,6 +195,5 @@ def test_converted_shards_train(tmp_path, tiny_processor):
     assert out[0]["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64x56 -> 56x56 (28-multiples) -> 4x4 patches
     assert out[0]["video_grid_thw"].tolist() == [[1, 4, 4]]  # 2 frames = one temporal patch
     qwen3 = SampleProcessor(tiny_processor, build("mrope_i"), max_tokens=512, layout="qwen3")
-    out = list(PackedRowStream(urls, qwen3, max_tokens=512, epochs=1))
-    assert sum(r["num_samples"] for r in out) == 1
-    assert sum(r["skipped"].get("unsupported_video", 0) for r in out) == 1
+    out = list(PackedRowStream(urls, qwen3, max_tokens=512, epochs=1))  # per-frame blocks with timestamps
+    assert sum(r["num_samples"] for r in out) == 2 and not any(r["skipped"] for r in out)

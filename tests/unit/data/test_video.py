@@ -77,11 +77,29 @@ def test_video_sample_tokens_grid_and_positions(tiny_processor):
     assert s.position_ids[0, int(video_at[-1]) + 1] == S + 3  # vision_end: max(S+2, S+1, S+2) + 1
 
 
-def test_video_under_qwen3_layout_is_a_counted_reason(tiny_processor):
+def test_qwen3_layout_gives_per_frame_blocks_with_timestamps(tiny_processor):
     proc = SampleProcessor(tiny_processor, build("mrope_i"), max_tokens=512, layout="qwen3")
-    with pytest.raises(SampleError) as e:
-        proc(video_record())
-    assert e.value.reason == "unsupported_video"
+    s = proc(video_record(num_frames=4, fps=2.0))
+    ids = token_ids_for(tiny_processor)
+    text = tiny_processor.tokenizer.decode(s.input_ids)
+    # By hand: frames at 0, 0.5, 1.0, 1.5 s; temporal patches of 2 -> mean times 0.25 and 1.25 -> "0.2", "1.2".
+    pads = "<|video_pad|>" * 6
+    expected = (
+        f"<0.2 seconds><|vision_start|>{pads}<|vision_end|><1.2 seconds><|vision_start|>{pads}<|vision_end|>"
+    )
+    assert expected in text and "<|vision_start|><0.2" not in text  # no outer wrapper around the frames
+    assert s.video_grid_thw.tolist() == [[2, 4, 6]]
+    # Positions (MRoPE-I, Qwen3-VL layout): each frame is its own t=1 block; text between frames counts on.
+    video_at = (s.input_ids == ids.video_token_id).nonzero().flatten().tolist()
+    f0, f1 = video_at[:6], video_at[6:]
+    t, h, w = s.position_ids
+    S0 = int(t[f0[0]])
+    assert t[f0].tolist() == [S0] * 6 and h[f0].tolist() == [S0, S0, S0, S0 + 1, S0 + 1, S0 + 1]
+    assert w[f0].tolist() == [S0, S0 + 1, S0 + 2] * 2
+    ve0 = f0[-1] + 1  # vision_end of frame 0 resumes at S0 + max(0, 1, 2) + 1
+    assert t[ve0] == S0 + 3
+    S1 = S0 + 3 + (f1[0] - ve0)  # timestamp text and vision_start advance by one each
+    assert t[f1].tolist() == [S1] * 6 and w[f1].tolist() == [S1, S1 + 1, S1 + 2] * 2
 
 
 def test_video_with_a_broken_frame_is_bad_image(tiny_processor):
