@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR):$(PYTHONPATH)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast lint format bench bench-gpu clean
+.PHONY: help setup train test test-fast lint format bench bench-gpu gpu-check wheelhouse clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,13 @@ BENCH_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 bench-gpu: ## GPU step benchmark, mmrope vs the usual recipe at 32K (needs CUDA; torch + transformers only)
 	@$(BENCH_PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs CUDA')"
 	@for b in tests/perf/gpu_bench_*.py; do echo "== $$b"; PYTHONPATH=$(CURDIR) $(BENCH_PY) $$b || exit 1; done
+
+# The prepared device check (issue 14): tests/gpu/gpu_check.py. DRY=1 runs every step on CPU at tiny sizes.
+gpu-check: ## run first on a GPU box: GPU tests, CUDA training, 32K step benchmark -> $$OUT (DRY=1: CPU, tiny)
+	@PYTHONPATH=$(CURDIR) $(BENCH_PY) tests/gpu/gpu_check.py $(if $(DRY),--dry,) $(GPU_CHECK_ARGS)
+
+wheelhouse: $(STAMP) ## download the wheels the GPU box lacks (Python 3.12, x86_64) into .whl/ (git-ignored)
+	$(PY) tests/gpu/wheelhouse.py
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .cache .pytest_cache .ruff_cache wandb

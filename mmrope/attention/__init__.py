@@ -13,6 +13,7 @@ from mmrope.attention.dipe import (
     dipe_routed_qk,
     merge_attention_partials,
 )
+from mmrope.attention.kernels import TORCH_VARLEN, TORCH_VARLEN_REASON
 from mmrope.attention.masks import (
     causal_doc_mask,
     cu_seqlens_from_doc_ids,
@@ -27,11 +28,14 @@ from mmrope.attention.packed import (
     eager_masked_attention,
     flex_attention_call,
     packed_attention,
+    resolve_backend,
 )
 
 __all__ = [
     "DIPE_BACKENDS",
     "PACKED_BACKENDS",
+    "TORCH_VARLEN",
+    "TORCH_VARLEN_REASON",
     "causal_doc_mask",
     "cu_seqlens_from_doc_ids",
     "dipe_attention",
@@ -46,4 +50,5 @@ __all__ = [
     "merge_attention_partials",
     "normalize_doc_ids",
     "packed_attention",
+    "resolve_backend",
 ]

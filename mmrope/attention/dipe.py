@@ -21,8 +21,8 @@ Backends of `dipe_attention`:
 | `routed` | spec 9.2: 2D-wide modality-routed q/k, ONE standard packed causal attention (`inner_backend`) | see below |
 | `two_pass` | spec 9.1: intra pass (q_dyn) + inter pass (q_sta) merged by log-sum-exp; FlexAttention on CUDA, an exact dense torch fallback elsewhere | CUDA O(L), CPU O(H L^2) |
 
-`routed` memory follows its inner packed backend: `sdpa_varlen`, `flash`, `flex` and `sdpa` with one sample per
-row (no mask) never build an L x L tensor; `sdpa` with several samples per row passes a `[B, 1, L, L]` boolean
+`routed` memory follows its inner packed backend: `auto`, `varlen`, `sdpa_varlen`, `flash`, `flex` and `sdpa` with
+one sample per row (no mask) never build an L x L tensor; `sdpa` with several samples per row passes a `[B, 1, L, L]` boolean
 mask (1 byte per pair, shared by heads); `eager` is O(H L^2).
 """
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmrope.attention.masks import dipe_masks, doc_ids_from_cu_seqlens, flex_block_mask
-from mmrope.attention.packed import _check_qkv, flex_attention_call, packed_attention
+from mmrope.attention.packed import _check_qkv, flex_attention_call, packed_attention, resolve_backend
 
 __all__ = [
     "DIPE_BACKENDS",
@@ -56,7 +56,7 @@ def dipe_attention(
     doc_ids_BL: Tensor | None = None,
     scale: float,
     backend: str = "routed",
-    inner_backend: str = "sdpa",
+    inner_backend: str = "auto",
     cu_seqlens: Tensor | None = None,
     max_seqlen: int | None = None,
 ) -> Tensor:
@@ -71,7 +71,8 @@ def dipe_attention(
         scale: softmax scale, normally `D ** -0.5` of the ORIGINAL head dim (the routed path widens q/k to 2D
             and must not fall back to a kernel's default `2D ** -0.5`).
         backend: `eager`, `routed` (default; exact on CPU and GPU) or `two_pass`.
-        inner_backend: packed backend used by `routed` (`sdpa`, `sdpa_varlen`, `flex`, `flash`, `eager`).
+        inner_backend: packed backend used by `routed` (`auto`, `varlen`, `sdpa`, `sdpa_varlen`, `flex`, `flash`,
+            `eager`); `auto` picks torch's varlen FlashAttention on CUDA in half precision.
 
     Exactness: all three backends evaluate, for every query, one softmax over the same allowed key set with the
     logits of spec section 4; `routed` by construction of the routed dot product (see `dipe_routed_qk`, spec
@@ -278,10 +279,13 @@ def _routed(
 ) -> Tensor:
     head_dim = v_BHkvLD.shape[-1]
     q_route_BHL2D, k_route_BHkvL2D = dipe_routed_qk(q_dyn_BHLD, q_sta_BHLD, k_BHkvLD, visual_BL)
-    # Zero-pad V to the routed width where the fused kernels need q/k/v head dims to match (flash-attn; torch's
-    # CPU flash SDPA kernel, which otherwise falls back to the O(L^2) math path). The padded output columns are
-    # P @ 0 = 0 and are sliced off, so this is exact; flex and eager accept a narrower V as is.
-    if inner_backend in ("sdpa", "sdpa_varlen", "flash"):
+    # `auto` is resolved on the routed (2D-wide) queries: with D = 128 the routed width 256 still fits the
+    # FlashAttention kernels; a wider head falls back to per-sample SDPA.
+    inner_backend = resolve_backend(inner_backend, q_route_BHL2D)
+    # Zero-pad V to the routed width where the fused kernels need q/k/v head dims to match (FlashAttention, torch's
+    # or flash-attn's; torch's CPU flash SDPA kernel, which otherwise falls back to the O(L^2) math path). The
+    # padded output columns are P @ 0 = 0 and are sliced off, so this is exact; flex and eager accept a narrower V.
+    if inner_backend in ("sdpa", "sdpa_varlen", "varlen", "flash"):
         v_in_BHkvLE = F.pad(v_BHkvLD, (0, q_route_BHL2D.shape[-1] - head_dim))
     else:
         v_in_BHkvLE = v_BHkvLD

@@ -1,4 +1,4 @@
-"""Packing-aware causal attention with interchangeable backends (pure torch + optional flash-attn).
+"""Packing-aware causal attention with interchangeable backends (pure torch; flash-attn optional).
 
 Layout: HF inputs `q_BHLD [B, H, L, D]`, `k_BHkvLD`/`v_BHkvLD [B, H_kv, L, D]` (GQA: query head `i` uses KV head
 `i // (H // H_kv)`); the output is `[B, L, H, D_v]`, i.e. already transposed the way HF's attention interface
@@ -9,14 +9,17 @@ Backends (all compute the same function: a softmax over the keys `j <= i` of the
 
 | backend | device | how | extra memory |
 |---|---|---|---|
+| `auto` | any | `varlen` on CUDA in bf16/fp16 (head dim <= 256, no dropout), else `sdpa_varlen` | O(L) |
 | `eager` | any | explicit scores, boolean mask, fp32 softmax (the reference) | O(H L^2) |
 | `sdpa` | any | `F.scaled_dot_product_attention` with a `[B, 1, L, L]` boolean block-diagonal causal mask; `is_causal=True` (no mask) when each row is one sample | O(L^2) bool mask |
 | `sdpa_varlen` | any | one `is_causal` SDPA call per sample (host-side loop over `cu_seqlens`, one sync) | O(L) |
+| `varlen` | CUDA | torch's own varlen FlashAttention (`torch.nn.attention.varlen`, torch >= 2.10): nothing to compile | O(L) |
 | `flex` | CUDA | compiled FlexAttention with a `BlockMask` from the sample ids | O(L^2 / 128^2) |
-| `flash` | CUDA | `flash_attn_varlen_func(causal=True)` on the flattened tokens | O(L) |
+| `flash` | CUDA | the flash-attn package's `flash_attn_varlen_func(causal=True)` on the flattened tokens | O(L) |
 
-`flex` and `flash` raise `ValueError` on CPU tensors (FlexAttention has no CPU backward; flash-attn is CUDA only):
-there is no silent fallback, pick `sdpa`/`sdpa_varlen`/`eager` on CPU.
+`varlen`, `flex` and `flash` raise `ValueError` on CPU tensors (FlashAttention kernels are CUDA only; FlexAttention
+has no CPU backward): there is no silent fallback when a backend is named. `auto` is the one that chooses, per call,
+from the tensors it gets, and never picks a backend that builds an L x L mask.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmrope.attention.kernels import TORCH_VARLEN, torch_varlen_attention
 from mmrope.attention.masks import (
     causal_doc_mask,
     cu_seqlens_from_doc_ids,
@@ -32,9 +36,30 @@ from mmrope.attention.masks import (
     flex_block_mask,
 )
 
-__all__ = ["PACKED_BACKENDS", "packed_attention"]
+__all__ = ["PACKED_BACKENDS", "packed_attention", "resolve_backend"]
 
-PACKED_BACKENDS = ("eager", "sdpa", "sdpa_varlen", "flex", "flash")
+PACKED_BACKENDS = ("auto", "eager", "sdpa", "sdpa_varlen", "varlen", "flex", "flash")
+FLASH_MAX_HEAD_DIM = 256  # FlashAttention-2 kernels (torch's and flash-attn's) take head dims up to 256
+
+
+def resolve_backend(backend: str, q_BHLD: Tensor, *, dropout_p: float = 0.0) -> str:
+    """The concrete backend `auto` stands for with these queries; any other name is returned unchanged.
+
+    `auto`: torch's built-in varlen FlashAttention where it can run (CUDA, bf16/fp16, head dim <= 256, no
+    dropout, a torch that ships it), else `sdpa_varlen` (per-sample fused SDPA, O(L) memory; the CPU choice).
+    The flash-attn package and FlexAttention are used only when named: neither is needed for the fast path.
+    """
+    if backend != "auto":
+        return backend
+    fast = (
+        TORCH_VARLEN is not None
+        and q_BHLD.is_cuda
+        and q_BHLD.dtype in (torch.bfloat16, torch.float16)
+        and q_BHLD.shape[-1] <= FLASH_MAX_HEAD_DIM
+        and dropout_p == 0.0
+    )
+    return "varlen" if fast else "sdpa_varlen"
+
 
 _compiled_flex_attention = None
 
@@ -46,7 +71,7 @@ def packed_attention(
     *,
     doc_ids_BL: Tensor | None = None,
     scale: float,
-    backend: str = "sdpa",
+    backend: str = "auto",
     dropout_p: float = 0.0,
     cu_seqlens: Tensor | None = None,
     max_seqlen: int | None = None,
@@ -81,9 +106,12 @@ def packed_attention(
         raise ValueError(f"doc_ids_BL must be [B, L]={num_rows, seq_len}, got {tuple(doc_ids_BL.shape)}")
     if doc_ids_BL is not None:
         doc_ids_BL = doc_ids_BL.to(q_BHLD.device)
+    backend = resolve_backend(backend, q_BHLD, dropout_p=dropout_p)
     # One sample per row is known without looking at device data: no ids, or exactly one cu_seqlens entry per row.
     one_sample_per_row = doc_ids_BL is None and (cu_seqlens is None or cu_seqlens.numel() == num_rows + 1)
 
+    if backend == "varlen":
+        return _torch_varlen(q_BHLD, k_BHkvLD, v_BHkvLD, doc_ids_BL, cu_seqlens, max_seqlen, scale, dropout_p)
     if backend == "flash":
         return _flash_varlen(q_BHLD, k_BHkvLD, v_BHkvLD, doc_ids_BL, cu_seqlens, max_seqlen, scale, dropout_p)
     if backend == "sdpa_varlen":
@@ -256,6 +284,38 @@ def _sdpa_varlen(
         )
         outs.append(out_1HnD[0].transpose(0, 1))
     return torch.cat(outs, dim=0).view(num_rows, seq_len, num_heads, -1)
+
+
+def _torch_varlen(
+    q_BHLD: Tensor,
+    k_BHkvLD: Tensor,
+    v_BHkvLD: Tensor,
+    doc_ids_BL: Tensor | None,
+    cu_seqlens: Tensor | None,
+    max_seqlen: int | None,
+    scale: float,
+    dropout_p: float,
+) -> Tensor:
+    _require_cuda(q_BHLD, "varlen")
+    if dropout_p > 0.0:
+        raise ValueError(
+            "backend='varlen' has no attention dropout; use 'sdpa_varlen' (or 'auto') with dropout_p > 0"
+        )
+    num_rows, num_heads, seq_len, _ = q_BHLD.shape
+    if cu_seqlens is not None and max_seqlen is not None:  # the batch's own boundaries: no host sync here
+        cu = cu_seqlens.to(device=q_BHLD.device, dtype=torch.int32)
+    else:
+        cu, max_seqlen = _host_cu_seqlens(doc_ids_BL, cu_seqlens, num_rows, seq_len, q_BHLD.device)
+    out_THD = torch_varlen_attention(
+        _tokens(q_BHLD), _tokens(k_BHkvLD), _tokens(v_BHkvLD), cu, max_seqlen, scale=scale
+    )
+    return out_THD.view(num_rows, seq_len, num_heads, -1)
+
+
+def _tokens(x_BHLD: Tensor) -> Tensor:
+    """`[B, H, L, D]` -> `[B*L, H, D]` (a view when x came from a `[B, L, H, D]` projection, as in HF layers)."""
+    num_rows, num_heads, seq_len, head_dim = x_BHLD.shape
+    return x_BHLD.transpose(1, 2).reshape(num_rows * seq_len, num_heads, head_dim)
 
 
 def _flash_varlen(

@@ -1,7 +1,7 @@
 """The ONE seam between mmrope and transformers: `install(model, encoding)`.
 
     model = build_model(cfg.model, ...)
-    install(model, build_encoding("mrope_i"), attn_backend="sdpa", dipe=False)
+    install(model, build_encoding("mrope_i"), attn_backend="auto", dipe=False)
     out = model.model(input_ids=ids_BL, position_ids=pos_3BL, **seam_kwargs(cu_seqlens=cu_seqlens))
 
 Module composition, no monkey-patching of transformers functions:
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from mmrope.attention import (
+    PACKED_BACKENDS,
     dipe_attention,
     dipe_decode_attention,
     doc_ids_from_attention_mask,
@@ -46,7 +47,7 @@ from mmrope.attention import (
 from mmrope.encodings import Encoding
 
 ATTN_IMPLEMENTATION = "mmrope"
-ATTN_BACKENDS = ("eager", "sdpa", "sdpa_varlen", "flex", "flash")
+ATTN_BACKENDS = PACKED_BACKENDS  # "auto" (the default) picks torch's varlen FlashAttention on CUDA
 PROBE_KWARG = "mmrope_probe"  # optional forward kwarg: an object with `record(layer_idx, **tensors)`
 
 
@@ -63,6 +64,7 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _not_installed)
 def seam_kwargs(
     *,
     cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     attention_mask_BL: Tensor | None = None,
     static_position_ids: Tensor | None = None,
     visual_mask_BL: Tensor | None = None,
@@ -73,6 +75,7 @@ def seam_kwargs(
 
     Args:
         cu_seqlens: packed sample boundaries over the flattened `B * L` tokens (e.g. `[0, 3, 5, 9]`).
+        max_seqlen: the longest sample of `cu_seqlens` (a host int), so varlen kernels need no device sync.
         attention_mask_BL: HF padding mask (1 = token, 0 = pad); each pad run becomes a sample of its own.
         static_position_ids: DIPE anchored positions `[3, B, L]` of the queries of this call.
         visual_mask_BL: DIPE, True at image/video placeholders among the queries of this call.
@@ -84,6 +87,7 @@ def seam_kwargs(
         out["mmrope_doc_ids"] = doc_ids_from_attention_mask(attention_mask_BL)
     for key, value in (
         ("mmrope_cu_seqlens", cu_seqlens),
+        ("mmrope_max_seqlen", max_seqlen),
         ("mmrope_static_position_ids", static_position_ids),
         ("mmrope_visual_mask", visual_mask_BL),
         ("mmrope_key_valid", key_valid_BK),
@@ -248,6 +252,7 @@ class MMRopeAttention(nn.Module):
                 v,
                 doc_ids_BL=doc_ids_BL,
                 cu_seqlens=cu_seqlens,
+                max_seqlen=kwargs.get("mmrope_max_seqlen") if cu_seqlens is not None else None,
                 scale=self.scaling,
                 backend=self.attn_backend,
                 dropout_p=self.attention_dropout if self.training else 0.0,
@@ -260,6 +265,7 @@ class MMRopeAttention(nn.Module):
             visual_BL=kwargs["mmrope_visual_mask"],
             doc_ids_BL=doc_ids_BL,
             cu_seqlens=cu_seqlens,
+            max_seqlen=kwargs.get("mmrope_max_seqlen") if cu_seqlens is not None else None,
             scale=self.scaling,
             backend="eager" if self.attn_backend == "eager" else "routed",
             inner_backend=self.attn_backend,
@@ -319,7 +325,7 @@ def is_installed(model: nn.Module) -> bool:
 
 
 def install(
-    model: nn.Module, encoding: Encoding, *, attn_backend: str = "sdpa", dipe: bool = False
+    model: nn.Module, encoding: Encoding, *, attn_backend: str = "auto", dipe: bool = False
 ) -> nn.Module:
     """Install `encoding` (and DIPE if `dipe`) into a Qwen2.5-VL / Qwen3-VL model in place; returns the model.
 

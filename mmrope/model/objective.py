@@ -45,8 +45,11 @@ class SFTObjective(nn.Module):
         media, media_zero = self._encode_media(batch)
         cu_seqlens = batch["cu_seqlens"]
         # Positions come with the batch (3 rows, per sample); packing goes to attention as cu_seqlens.
+        # The longest sample, read on the host once per row rather than by every layer's varlen kernel.
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         kw = seam_kwargs(
             cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             static_position_ids=batch.get("static_position_ids"),
             visual_mask_BL=batch.get("visual_mask") if batch.get("static_position_ids") is not None else None,
         )

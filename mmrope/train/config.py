@@ -15,9 +15,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from mmrope.attention import PACKED_BACKENDS
+
 MODEL_KINDS = ("tiny", "pretrained", "composed")
 MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-ATTN_BACKENDS = ("sdpa", "sdpa_varlen", "eager", "flex", "flash")
+ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("auto", "must", "never")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -92,7 +94,7 @@ class ModelConfig:
     llm_path: str | None = None  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
     tokenizer_path: str | None = None  # default: the checkpoint's (or the locally built tiny tokenizer)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    attn_backend: str = "sdpa"
+    attn_backend: str = "auto"  # auto: torch's varlen FlashAttention on CUDA (bf16), per-sample SDPA on CPU
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     activation_checkpointing: str = (
         "none"  # none | all | every_k (LLM decoder layers; the frozen ViT stores nothing)

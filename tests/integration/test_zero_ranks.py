@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def run_ranks(tmp_path: Path, cache_dir: Path, stage: int) -> list[dict]:
+def run_ranks(tmp_path: Path, cache_dir: Path, stage: int, *extra: str) -> list[dict]:
     out = tmp_path / f"zero{stage}"
     out.mkdir()
     overrides = tiny_overrides(
@@ -31,6 +31,7 @@ def run_ranks(tmp_path: Path, cache_dir: Path, stage: int) -> list[dict]:
         f"trainer.run_name=zero{stage}",
         "trainer.resume=never",
         "trainer.optim.lr=1e-2",
+        *extra,
     )
     cmd = [
         sys.executable,
@@ -81,3 +82,20 @@ def test_ranks_agree_and_freeze_policy_holds(tmp_path, cache_dir, stage):
     assert all(moved("model.visual.merger.")), "connector did not train"
     llm = moved("model.language_model.layers.")
     assert llm and all(llm), "LLM layers did not train"
+
+
+def test_bf16_proxy_of_the_gpu_path(tmp_path, cache_dir):
+    """The GPU's dtype path, on CPU: 2 ranks, ZeRO-2, DeepSpeed bf16 (bf16 module, fp32 master weights in the
+    ZeRO optimizer), `attn_backend=auto`. DeepSpeed's CPU accelerator supports bf16, so this is the real bf16 engine,
+    not a simulation; only the attention kernel differs from a GPU run (per-sample SDPA here, varlen FlashAttention
+    there). Dtype mistakes (an fp32 tensor meeting bf16 weights, a loss in the wrong precision) fail here first."""
+    r0, r1 = run_ranks(tmp_path, cache_dir, 2, "trainer.precision=bf16", "model.attn_backend=auto")
+    assert r0["dtypes"] == r1["dtypes"] == ["torch.bfloat16"]
+    losses = torch.tensor(r0["losses"])
+    assert torch.isfinite(losses).all()
+    assert r0["losses"] == pytest.approx(r1["losses"], rel=0, abs=1e-6)
+    assert losses[-1] < losses[0], r0["losses"]
+    for name in r0["params"]:
+        torch.testing.assert_close(r0["params"][name], r1["params"][name], rtol=0, atol=0, msg=name)
+    llm = [n for n in r0["params"] if n.startswith("model.language_model.layers.")]
+    assert all(not torch.equal(r0["params"][n], r0["initial"][n]) for n in llm), "LLM did not train in bf16"

@@ -43,8 +43,9 @@ def main() -> None:
         rows = s.trainer._step_composition["rows"]  # what this rank's rows held: ranks may differ
         media.append(sorted({k for r in rows for k in ("pixel_values", "pixel_values_videos") if k in r}))
     params = full_params(module, cfg.deepspeed.stage)
+    dtypes = sorted({str(p.dtype) for p in module.parameters()})  # what the engine trains in (bf16 proxy)
     torch.save(
-        {"losses": losses, "media": media, "params": params, "initial": initial},
+        {"losses": losses, "media": media, "params": params, "initial": initial, "dtypes": dtypes},
         out_dir / f"rank_{s.dist.rank}.pt",
     )
 

@@ -7,14 +7,23 @@ Both paths train the same randomly initialised Qwen2.5-VL-shaped model (ViT froz
 bf16 weights and AdamW states on GPU, activation checkpointing on every LLM layer) on the same LLaVA-like
 samples (text, one image of 64-576 visual tokens, question, supervised answer):
 - mmrope: the samples packed into ONE row of <= --tokens tokens (cu_seqlens), encoding installed through the
-  seam with per-sample SDPA attention (no attention across samples, no padding), chunked linear cross-entropy
-  on supervised tokens only;
+  seam with `attn_backend="auto"` (torch's varlen FlashAttention on CUDA: no attention across samples, no
+  padding, nothing compiled), chunked linear cross-entropy on supervised tokens only;
 - baseline (the usual recipe): micro batches of --micro samples padded to their longest, transformers' stock
-  attention with a padding mask, full-vocabulary logits and transformers' loss, accumulated over the same
+  SDPA attention with a padding mask, full-vocabulary logits and transformers' loss, accumulated over the same
   samples (each micro batch weighted by its share of supervised tokens, so both optimise the same loss).
 Reported per path: step time, real tokens/s, MFU (model FLOPs of the real tokens, mmrope.train.flops
 convention, against --peak-tflops), peak memory, and the first step's loss. The optimizer runs with lr=0 (same
 work, weights unchanged), so both paths see identical weights and their losses must agree (loss_abs_diff).
+
+LLM MFU: the frozen ViT's forward on the step's images is timed on its own; `llm_mfu` is the LLM's FLOPs
+(decoder, attention, LM head on supervised tokens, connector) over the step time minus that ViT time. With
+`--layers N` the decoder has N layers instead of the preset's (to fit a time budget): every figure is then for
+that N-layer model, which is said in the output (`num_layers`).
+
+DIPE vs MRoPE (`--dipe-lengths`, default 8K/16K/32K on CUDA): the same installed model trains one packed row of
+each length with DIPE switched on and off in its attention layers (dynamic + anchored static positions, as the
+data path computes them); reported: step time and peak memory per length and their DIPE / MRoPE ratios.
 Needs only torch, transformers and this repository (no DeepSpeed): the optimizer is torch AdamW on the bf16
 parameters, identical for both paths; its time is included in the step.
 """
@@ -32,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mmrope.encodings import TokenIds, build  # noqa: E402
+from mmrope.encodings import TokenIds, anchored_positions, build  # noqa: E402
 from mmrope.model.install import install  # noqa: E402
 from mmrope.model.objective import SFTObjective  # noqa: E402
 from mmrope.train.flops import shapes_from_hf_config, step_flops  # noqa: E402
@@ -77,10 +86,12 @@ PRESETS = {
 }
 
 
-def make_model(preset: str, device: torch.device, dtype: torch.dtype):
+def make_model(preset: str, device: torch.device, dtype: torch.dtype, num_layers: int | None = None):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     p = PRESETS[preset]
+    if num_layers:
+        p = {**p, "text": {**p["text"], "num_hidden_layers": num_layers}}
     vocab = p["text"]["vocab_size"]
     ids = dict(
         image_token_id=vocab - 5,
@@ -154,11 +165,11 @@ def pixels_for(grid: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
 
 
-def mmrope_row(samples, encoding, tokens, device, dtype) -> dict:
+def mmrope_row(samples, encoding, tokens, device, dtype, *, dipe: bool = False) -> dict:
     ids = torch.cat([s["input_ids"] for s in samples])
-    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples])
+    cu_seqlens = torch.tensor([0] + [len(s["input_ids"]) for s in samples]).cumsum(0).to(torch.int32)
     grid = torch.cat([s["grid"] for s in samples])
-    pos = torch.cat(
+    pos_3L = torch.cat(
         [
             encoding.position_ids(
                 s["input_ids"][None], tokens=tokens, image_grid_thw=s["grid"], layout="qwen2_5"
@@ -167,14 +178,26 @@ def mmrope_row(samples, encoding, tokens, device, dtype) -> dict:
         ],
         dim=-1,
     )
-    return {
+    row = {
         "input_ids": ids[None].to(device),
         "labels": torch.cat([s["labels"] for s in samples])[None].to(device),
-        "position_ids": pos[:, None].to(device),
-        "cu_seqlens": lengths.cumsum(0).to(torch.int32).to(device),
+        "position_ids": pos_3L[:, None].to(device),
+        "cu_seqlens": cu_seqlens.to(device),
         "image_grid_thw": grid.to(device),
         "pixel_values": pixels_for(grid, 0).to(device, dtype),
     }
+    if dipe:  # as data/packing.py: anchored static positions per sample, visual = image placeholders
+        visual_1L = (ids == tokens.image_token_id)[None]
+        static_3BL = anchored_positions(pos_3L[:, None], visual_1L, cu_seqlens=cu_seqlens)
+        row["static_position_ids"] = static_3BL.to(device)
+        row["visual_mask"] = visual_1L.to(device)
+    return row
+
+
+def set_dipe(model, on: bool) -> None:
+    """Switch DIPE on/off in every installed attention layer (same weights, same kernels; bench only)."""
+    for layer in model.model.language_model.layers:
+        layer.self_attn.dipe = on
 
 
 def baseline_batches(samples, tokens, micro, pad_id, device, dtype) -> list[dict]:
@@ -225,6 +248,63 @@ def timed_steps(step_fn, steps: int, device: torch.device) -> tuple[float, float
     return first, sum(times) / len(times), peak
 
 
+def path_figures(
+    loss: float, secs: float, peak: float, num_real: int, flops: float, peak_tflops: float
+) -> dict:
+    return {
+        "first_loss": loss,
+        "step_s": secs,
+        "tokens_per_s": num_real / secs,
+        "mfu": flops / secs / (peak_tflops * 1e12),
+        "peak_mem_gib": peak,
+    }
+
+
+def time_vit_forward(model, row: dict, steps: int, device: torch.device) -> float:
+    """Mean seconds of the frozen ViT's forward (no grad) on the row's images: the part of a step that is not LLM."""
+
+    def vit() -> float:
+        with torch.no_grad():
+            model.model.get_image_features(row["pixel_values"], row["image_grid_thw"], return_dict=True)
+        return 0.0
+
+    return timed_steps(vit, steps, device)[1]
+
+
+def dipe_scan(model, encoding, tokens: TokenIds, opt, args, device: torch.device, dtype) -> list[dict]:
+    """Step time and peak memory, DIPE on vs off, for one packed row of each length in `args.dipe_lengths`."""
+    objective = SFTObjective(model)
+    vocab = model.config.text_config.vocab_size
+    out = []
+    for length in args.dipe_lengths:
+        samples = make_samples(length, tokens, vocab, seed=length)
+        row = mmrope_row(samples, encoding, tokens, device, dtype, dipe=True)
+        num_sup = sum(int((s["labels"] != -100).sum()) - 1 for s in samples)
+        entry = {"tokens": int(row["input_ids"].shape[1]), "samples": len(samples)}
+        for name, dipe in (("mrope", False), ("dipe", True)):
+            set_dipe(model, dipe)
+
+            def step(row=row, num_sup=num_sup) -> float:
+                loss = objective(row, num_global_tokens=num_sup)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return float(loss.detach())
+
+            try:
+                loss, secs, peak = timed_steps(step, args.steps, device)
+                entry[name] = {"first_loss": loss, "step_s": secs, "peak_mem_gib": peak}
+            except torch.OutOfMemoryError as e:
+                entry[name] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+        set_dipe(model, False)
+        if "step_s" in entry["mrope"] and "step_s" in entry["dipe"]:
+            entry["step_time_ratio"] = entry["dipe"]["step_s"] / entry["mrope"]["step_s"]
+            if device.type == "cuda":
+                entry["peak_mem_ratio"] = entry["dipe"]["peak_mem_gib"] / entry["mrope"]["peak_mem_gib"]
+        out.append(entry)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="qwen25vl_7b")
@@ -235,11 +315,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--peak-tflops", type=float, default=989.0, help="per-device dense bf16 peak (H100/H200 SXM)"
     )
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    ap.add_argument(
+        "--dipe-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="row lengths of the DIPE vs MRoPE comparison (default 8192 16384 32768 on CUDA, none on CPU)",
+    )
+    ap.add_argument("--skip-baseline", action="store_true", help="only mmrope's path (and the DIPE scan)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokens = make_model(args.preset, device, dtype)
+    if args.dipe_lengths is None:
+        args.dipe_lengths = [8192, 16384, 32768] if device.type == "cuda" else []
+    model, tokens = make_model(args.preset, device, dtype, args.layers)
     vocab = model.config.text_config.vocab_size
     samples = make_samples(args.tokens, tokens, vocab)
     num_real = sum(len(s["input_ids"]) for s in samples)
@@ -248,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # last label of a sample predicts nothing
     llm, vit = shapes_from_hf_config(model.config)
     grid_all = torch.cat([s["grid"] for s in samples])
-    flops = step_flops(llm, vit, [len(s["input_ids"]) for s in samples], num_sup, grid_all)["total"]
+    flops_parts = step_flops(llm, vit, [len(s["input_ids"]) for s in samples], num_sup, grid_all)
+    flops = flops_parts["total"]
     pixels_all = pixels_for(grid_all, 0).to(device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -286,35 +378,37 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         return total
 
+    import transformers
+
     results = {
         "preset": args.preset,
-        "device": str(device),
+        "num_layers": model.config.text_config.num_hidden_layers,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peak_tflops": args.peak_tflops,
         "samples": len(samples),
         "real_tokens": num_real,
         "supervised_tokens": num_sup,
         "baseline_padded_tokens": num_padded,
         "model_tflops_per_step": flops / 1e12,
     }
-    try:
-        loss, secs, peak = timed_steps(baseline_step, args.steps, device)
-        results["baseline"] = {
-            "first_loss": loss,
-            "step_s": secs,
-            "tokens_per_s": num_real / secs,
-            "mfu": flops / secs / (args.peak_tflops * 1e12),
-            "peak_mem_gib": peak,
-        }
-    except torch.OutOfMemoryError as e:
-        results["baseline"] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+    if args.skip_baseline:
+        results["baseline"] = {"error": "skipped (--skip-baseline)"}
+    else:
+        try:
+            loss, secs, peak = timed_steps(baseline_step, args.steps, device)
+            results["baseline"] = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
+        except torch.OutOfMemoryError as e:
+            results["baseline"] = {"error": f"OOM: {str(e).splitlines()[0]}"}
     del opt
     model.gradient_checkpointing_disable()
     for p in params:
         p.grad = None
 
-    # -- mmrope: packed row, installed encoding, per-sample SDPA, chunked loss --------------------------------
+    # -- mmrope: packed row, installed encoding, varlen attention (auto), chunked loss --------------------------
     encoding = build("mrope")
-    install(model, encoding, attn_backend="sdpa_varlen")
+    install(model, encoding, attn_backend="auto")
     from mmrope.model.recompute import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, "all")
@@ -331,18 +425,20 @@ def main(argv: list[str] | None = None) -> dict:
         return float(loss.detach())
 
     loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
-    results["mmrope"] = {
-        "first_loss": loss,
-        "step_s": secs,
-        "tokens_per_s": num_real / secs,
-        "mfu": flops / secs / (args.peak_tflops * 1e12),
-        "peak_mem_gib": peak,
-    }
+    results["mmrope"] = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
+    vit_s = time_vit_forward(model, row, args.steps, device)
+    llm_flops = flops - flops_parts["vit"]
+    results["mmrope"].update(
+        vit_forward_s=vit_s, llm_mfu=llm_flops / max(secs - vit_s, 1e-9) / (args.peak_tflops * 1e12)
+    )
+    results["flops_split"] = {k: v / flops for k, v in flops_parts.items() if k != "total"}
     if "step_s" in results["baseline"]:
         results["loss_abs_diff"] = abs(results["mmrope"]["first_loss"] - results["baseline"]["first_loss"])
         results["speedup_tokens_per_s"] = (
             results["mmrope"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
         )
+    if args.dipe_lengths:
+        results["dipe_vs_mrope"] = dipe_scan(model, encoding, tokens, opt, args, device, dtype)
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

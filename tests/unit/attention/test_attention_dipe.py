@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from mmrope.attention import (
+    TORCH_VARLEN,
+    TORCH_VARLEN_REASON,
     cu_seqlens_from_doc_ids,
     dipe_attention,
     dipe_decode_attention,
@@ -406,8 +408,10 @@ def _has_flash_attn() -> bool:
 CUDA_VARIANTS = [
     ("routed", "sdpa"),
     ("routed", "sdpa_varlen"),
+    ("routed", "varlen"),
+    ("routed", "auto"),
     ("routed", "flex"),
-    ("two_pass", "sdpa"),
+    ("two_pass", "flex"),  # two_pass runs on FlexAttention on CUDA (the inner backend is not used)
     ("routed", "flash"),
 ]
 
@@ -419,8 +423,12 @@ CUDA_VARIANTS = [
 def test_dipe_cuda_matches_reference_forward_and_backward(layout: str, backend: str, inner: str) -> None:
     if inner == "flash" and not _has_flash_attn():
         pytest.skip("flash_attn not installed")
-    # flash-attn only runs in half precision: compare in bf16 with a bf16-sized tolerance; the rest in fp32.
-    dtype, atol = (torch.bfloat16, 3e-2) if inner == "flash" else (torch.float32, 1e-4)
+    if inner in ("varlen", "auto") and TORCH_VARLEN is None:
+        pytest.skip(f"no torch varlen kernel: {TORCH_VARLEN_REASON}")
+    # FlashAttention kernels (flash-attn's, torch's varlen; auto picks the latter in bf16) only run in half
+    # precision: compare in bf16 with a bf16-sized tolerance; the rest in fp32.
+    half = inner in ("flash", "varlen", "auto")
+    dtype, atol = (torch.bfloat16, 3e-2) if half else (torch.float32, 1e-4)
     visual, doc_ids = LAYOUTS[layout]()
     tensors = _random_qkv(30, *visual.shape)
     weight = torch.randn(*visual.shape, NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(31))

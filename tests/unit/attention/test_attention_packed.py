@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mmrope.attention import (
+    TORCH_VARLEN,
+    TORCH_VARLEN_REASON,
     causal_doc_mask,
     cu_seqlens_from_doc_ids,
     doc_ids_from_attention_mask,
@@ -185,7 +187,7 @@ def test_flex_unfused_forward_matches_reference() -> None:
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["flex", "flash"])
+@pytest.mark.parametrize("backend", ["varlen", "flex", "flash"])
 def test_gpu_only_backends_refuse_cpu(backend: str) -> None:
     q, k, v = _random_qkv(6)
     with pytest.raises(ValueError, match="CUDA"):
@@ -215,12 +217,16 @@ def test_dropout_is_applied_in_training(backend: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa_varlen", "flex", "flash"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_varlen", "varlen", "auto", "flex", "flash"])
 def test_cuda_backends_match_per_sample_forward_and_backward(backend: str) -> None:
     if backend == "flash":
         pytest.importorskip("flash_attn")
-    # flash-attn only runs in half precision: compare in bf16 with a bf16-sized tolerance; the rest in fp32.
-    dtype, atol = (torch.bfloat16, 3e-2) if backend == "flash" else (torch.float32, 1e-4)
+    if backend in ("varlen", "auto") and TORCH_VARLEN is None:
+        pytest.skip(f"no torch varlen kernel: {TORCH_VARLEN_REASON}")
+    # FlashAttention kernels (flash-attn's, torch's varlen; auto picks the latter in bf16) only run in half
+    # precision: compare in bf16 with a bf16-sized tolerance; the rest in fp32.
+    half = backend in ("flash", "varlen", "auto")
+    dtype, atol = (torch.bfloat16, 3e-2) if half else (torch.float32, 1e-4)
     q, k, v = _random_qkv(9)
     scale = HEAD_DIM**-0.5
     doc_ids = _doc_ids(SAMPLE_LENGTHS)

@@ -1,0 +1,43 @@
+"""`make gpu-check DRY=1`: the prepared GPU check runs every one of its steps on CPU at tiny sizes.
+
+The script is what a session with a GPU runs first, with little device time to spare: here it must get through
+every step (tests, step benchmark, two 2-3 step trainer runs, attention benchmark) and write its figures and
+the RESULTS.md block, so a broken import, a renamed option or a changed metric name fails CI, not the GPU run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, clean_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
+    cmd = ["make", "-s", "gpu-check", "DRY=1"]
+    env = clean_env(OUT=str(tmp_path / "out"), GPU_CHECK_ARGS=f"--cache-dir {cache_dir}")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert results["dry"] is True
+    ran = {name for name, s in results["steps"].items() if s["status"] == "ok"}
+    assert ran == {"versions", "tests", "bench", "train_mrope", "train_dipe", "attention", "flex"}, results[
+        "steps"
+    ]
+    # every figure the RESULTS block reports was produced
+    bench = results["bench"]
+    assert bench["loss_abs_diff"] < 1e-4  # both paths of the step benchmark optimise the same loss
+    assert bench["mmrope"]["tokens_per_s"] > 0 and len(bench["dipe_vs_mrope"]) == 2
+    assert all("step_time_ratio" in e for e in bench["dipe_vs_mrope"])
+    assert results["train_mrope"]["steps"] == 3 and results["train_dipe"]["steps"] == 2
+    assert results["attention"]["dipe_memory_growth"] > 0
+    block = (out / "RESULTS_block.md").read_text()
+    assert "make gpu-check DRY=1" in block and results["commit"] in block
+    for goal in results["goals"]:
+        assert goal in block
+    assert (out / "gpu_check.log").stat().st_size > 0
