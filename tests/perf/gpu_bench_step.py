@@ -271,11 +271,19 @@ def time_vit_forward(model, row: dict, steps: int, device: torch.device) -> floa
     return timed_steps(vit, steps, device)[1]
 
 
-def dipe_scan(model, encoding, tokens: TokenIds, opt, args, device: torch.device, dtype) -> list[dict]:
+def save(results: dict, path: Path | None) -> None:
+    """Write what has been measured so far (the GPU check caps this script's time; partial figures still count)."""
+    if path:
+        path.write_text(json.dumps(results, indent=1))
+
+
+def dipe_scan(
+    model, encoding, tokens: TokenIds, opt, args, device: torch.device, dtype, results: dict
+) -> None:
     """Step time and peak memory, DIPE on vs off, for one packed row of each length in `args.dipe_lengths`."""
     objective = SFTObjective(model)
     vocab = model.config.text_config.vocab_size
-    out = []
+    out = results["dipe_vs_mrope"]
     for length in args.dipe_lengths:
         samples = make_samples(length, tokens, vocab, seed=length)
         row = mmrope_row(samples, encoding, tokens, device, dtype, dipe=True)
@@ -302,7 +310,7 @@ def dipe_scan(model, encoding, tokens: TokenIds, opt, args, device: torch.device
             if device.type == "cuda":
                 entry["peak_mem_ratio"] = entry["dipe"]["peak_mem_gib"] / entry["mrope"]["peak_mem_gib"]
         out.append(entry)
-    return out
+        save(results, args.out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -401,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["baseline"] = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
         except torch.OutOfMemoryError as e:
             results["baseline"] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+    save(results, args.out)
     del opt
     model.gradient_checkpointing_disable()
     for p in params:
@@ -437,11 +446,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["speedup_tokens_per_s"] = (
             results["mmrope"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
         )
+    save(results, args.out)
     if args.dipe_lengths:
-        results["dipe_vs_mrope"] = dipe_scan(model, encoding, tokens, opt, args, device, dtype)
+        results["dipe_vs_mrope"] = []  # filled length by length, saved after each (a time cap keeps what ran)
+        dipe_scan(model, encoding, tokens, opt, args, device, dtype, results)
     print(json.dumps(results, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    save(results, args.out)
     return results
 
 
