@@ -27,6 +27,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
     if mode == "none":
         return []
     text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the input embeddings so that their outputs require grad, which only reentrant
+    # checkpointing needs. Such hooks make frozen modules record a graph and keep their activations (on the whole
+    # VLM they reach the ViT's patch embedding: ~90 GB for a 32K row of images at 7B scale): remove them.
+    text_model.disable_input_require_grads()
     chosen = []
     for i, layer in enumerate(text_model.layers):
         on = mode == "all" or i % every == every - 1

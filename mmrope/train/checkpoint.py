@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmrope.train.engine import all_reduce_values
+
 MANIFEST = "manifest.json"
 CRASH_POINTS = ("staged", "manifest", "renamed")
 LATEST = "latest"
@@ -80,11 +82,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def _all_ok(ok: bool) -> bool:
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
+    (failed,) = all_reduce_values([0 if ok else 1], op="max")
+    return failed == 0
 
 
 def _atomic_write(path: Path, text: str) -> None:

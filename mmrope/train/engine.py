@@ -48,6 +48,20 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def all_reduce_values(values: list[float], op: str = "sum") -> list[float]:
+    """All-reduce a few host numbers (counts, flags) over the default group; identity without one.
+
+    NCCL only moves CUDA tensors and gloo CPU ones, so the tensor goes to the device the backend serves. Values
+    travel as float64, exact for integer counts below 2**53.
+    """
+    if not dist.is_initialized():
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from mmrope.model.objective import num_supervised
 from mmrope.train.checkpoint import CheckpointManager
 from mmrope.train.config import TrainConfig
-from mmrope.train.engine import Dist
+from mmrope.train.engine import Dist, all_reduce_values
 from mmrope.train.metrics import Metrics
 from mmrope.train.preemption import Preempted, PreemptionFlag
 from mmrope.train.throughput import Throughput
@@ -35,10 +34,7 @@ def _to_device(row: dict, device: torch.device) -> dict:
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)  # sync point: every rank contributes its counts
-    return t.tolist()
+    return all_reduce_values(values)  # sync point: every rank contributes its counts
 
 
 class Trainer:

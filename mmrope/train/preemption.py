@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from mmrope.train.engine import all_reduce_values
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -38,11 +37,8 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """Sync point: True on every rank iff at least one rank has been signalled."""
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        (flag,) = all_reduce_values([1 if self.requested else 0], op="max")
+        return bool(flag)
 
     def chain(self) -> None:
         """After our checkpoint is committed, hand the signal to whoever handled it before us.

@@ -412,6 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
     save(results, args.out)
     del opt
     model.gradient_checkpointing_disable()
+    # gradient_checkpointing_enable hooked every input embedding (the ViT's patch embedding too) to output
+    # tensors that require grad, which makes the frozen ViT keep its activations; its disable does not remove
+    # the hooks. mmrope's own recompute never installs them.
+    model.disable_input_require_grads()
     for p in params:
         p.grad = None
 

@@ -64,3 +64,40 @@ def test_recompute_is_exact_and_only_on_the_llm(mode, every, expected):
 def test_bad_mode_names_the_key():
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         ModelConfig(activation_checkpointing="sometimes")
+
+
+def _saved_bytes_and_vit_graph(mode: str) -> tuple[int, bool]:
+    """Bytes autograd saves during one forward, and whether any ViT block's output is part of the graph."""
+    model = build_model(
+        ModelConfig(tiny=TinyModelConfig(num_hidden_layers=4)), vocab_size=64, special_ids=SPECIAL, seed=0
+    )
+    apply_freeze(model, FreezeConfig())
+    apply_activation_checkpointing(model, mode)
+    assert not getattr(model.model.language_model, "_require_grads_hooks", None), "input-require-grads hooks left"
+    model.train()
+    vit_outputs_require_grad = []
+    for block in model.model.visual.blocks:
+        block.register_forward_hook(lambda m, i, o: vit_outputs_require_grad.append(o.requires_grad))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, 64, (1, 200), generator=g)
+    ids[0, 2:6] = torch.tensor([3, 5, 5, 4])
+    pixels = torch.randn(8, 3 * 2 * 14 * 14, generator=g)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 4]]), labels=ids)
+    assert vit_outputs_require_grad, "the ViT did not run"
+    return sum(saved), any(vit_outputs_require_grad)
+
+
+def test_recompute_saves_less_and_the_frozen_vit_records_no_graph():
+    none_bytes, none_vit_graph = _saved_bytes_and_vit_graph("none")
+    all_bytes, all_vit_graph = _saved_bytes_and_vit_graph("all")
+    # transformers' checkpointing switch also hooks input embeddings to require grad (for reentrant
+    # checkpointing); left in place, the frozen ViT would record its graph and keep every activation.
+    assert not none_vit_graph and not all_vit_graph
+    assert all_bytes < none_bytes / 2, (all_bytes, none_bytes)

@@ -428,7 +428,9 @@ def test_dipe_cuda_matches_reference_forward_and_backward(layout: str, backend: 
     # FlashAttention kernels (flash-attn's, torch's varlen; auto picks the latter in bf16) only run in half
     # precision: compare in bf16 with a bf16-sized tolerance; the rest in fp32.
     half = inner in ("flash", "varlen", "auto")
-    dtype, atol = (torch.bfloat16, 3e-2) if half else (torch.float32, 1e-4)
+    # bf16: an absolute floor plus torch's bf16 relative tolerance (the kernels write bf16 outputs and gradients,
+    # so large entries such as dv, a sum over queries and grouped heads, round at ~2^-8 of their size).
+    dtype, atol, rtol = (torch.bfloat16, 3e-2, 1.6e-2) if half else (torch.float32, 1e-4, 0.0)
     visual, doc_ids = LAYOUTS[layout]()
     tensors = _random_qkv(30, *visual.shape)
     weight = torch.randn(*visual.shape, NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(31))
@@ -457,6 +459,8 @@ def test_dipe_cuda_matches_reference_forward_and_backward(layout: str, backend: 
         [t.to(dtype).double() for t in tensors],
         weight,
     )
-    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=0)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=rtol)
     for name, grad, ref_grad in zip(["q_dyn", "q_sta", "k", "v"], grads, ref_grads):
-        torch.testing.assert_close(grad.cpu().double(), ref_grad, atol=atol, rtol=0, msg=f"d{name}")
+        torch.testing.assert_close(
+            grad.cpu().double(), ref_grad, atol=atol, rtol=rtol, msg=lambda m, name=name: f"d{name}: {m}"
+        )
