@@ -29,6 +29,7 @@ from mmrope.attention.packed import (
     flex_attention_call,
     packed_attention,
     resolve_backend,
+    segment_attention,
 )
 
 __all__ = [
@@ -51,4 +52,5 @@ __all__ = [
     "normalize_doc_ids",
     "packed_attention",
     "resolve_backend",
+    "segment_attention",
 ]

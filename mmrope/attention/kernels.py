@@ -32,6 +32,7 @@ class VarlenKernel:
 
     fn: Callable
     causal_kwargs: dict
+    full_kwargs: dict  # bidirectional inside each segment (vision towers)
     has_gqa: bool
     has_scale: bool
 
@@ -44,10 +45,11 @@ class VarlenKernel:
         max_seqlen: int,
         *,
         scale: float,
+        causal: bool = True,
     ) -> Tensor:
-        """Causal attention inside each `cu_seqlens` segment of the flattened tokens; returns `[T, H, D_v]`."""
+        """Attention inside each `cu_seqlens` segment of the flattened tokens (causal or full); `[T, H, D_v]`."""
         num_heads, num_kv_heads, head_dim = q_THD.shape[1], k_THkvD.shape[1], q_THD.shape[2]
-        kwargs = dict(self.causal_kwargs)
+        kwargs = dict(self.causal_kwargs if causal else self.full_kwargs)
         if num_heads != num_kv_heads:
             if self.has_gqa:
                 kwargs["enable_gqa"] = True
@@ -75,12 +77,12 @@ def adapt_varlen(fn: Callable) -> tuple[VarlenKernel | None, str]:
     """`(kernel, "")` if `fn`'s signature is one we know how to call causally, else `(None, reason)`."""
     params = inspect.signature(fn).parameters
     if "window_size" in params:
-        causal = {"window_size": (-1, 0)}
+        causal, full = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
     elif "is_causal" in params:
-        causal = {"is_causal": True}
+        causal, full = {"is_causal": True}, {"is_causal": False}
     else:
         return None, f"varlen_attn{inspect.signature(fn)} takes neither window_size nor is_causal"
-    return VarlenKernel(fn, causal, has_gqa="enable_gqa" in params, has_scale="scale" in params), ""
+    return VarlenKernel(fn, causal, full, has_gqa="enable_gqa" in params, has_scale="scale" in params), ""
 
 
 def _find_torch_varlen() -> tuple[VarlenKernel | None, str]:
@@ -95,11 +97,18 @@ TORCH_VARLEN, TORCH_VARLEN_REASON = _find_torch_varlen()
 
 
 def torch_varlen_attention(
-    q_THD: Tensor, k_THkvD: Tensor, v_THkvD: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, scale: float
+    q_THD: Tensor,
+    k_THkvD: Tensor,
+    v_THkvD: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    scale: float,
+    causal: bool = True,
 ) -> Tensor:
-    """Causal varlen attention with torch's kernel; raises ValueError saying why where this torch lacks one."""
+    """Varlen attention with torch's kernel; raises ValueError saying why where this torch lacks one."""
     if TORCH_VARLEN is None:
         raise ValueError(
             f"backend='varlen' is unavailable: {TORCH_VARLEN_REASON}; use 'auto' or 'sdpa_varlen'"
         )
-    return TORCH_VARLEN(q_THD, k_THkvD, v_THkvD, cu_seqlens, max_seqlen, scale=scale)
+    return TORCH_VARLEN(q_THD, k_THkvD, v_THkvD, cu_seqlens, max_seqlen, scale=scale, causal=causal)

@@ -36,7 +36,7 @@ from mmrope.attention.masks import (
     flex_block_mask,
 )
 
-__all__ = ["PACKED_BACKENDS", "packed_attention", "resolve_backend"]
+__all__ = ["PACKED_BACKENDS", "packed_attention", "resolve_backend", "segment_attention"]
 
 PACKED_BACKENDS = ("auto", "eager", "sdpa", "sdpa_varlen", "varlen", "flex", "flash")
 FLASH_MAX_HEAD_DIM = 256  # FlashAttention-2 kernels (torch's and flash-attn's) take head dims up to 256
@@ -132,6 +132,35 @@ def packed_attention(
         block_mask = flex_block_mask(doc_ids_BL, seq_len, device=q_BHLD.device)
     out_BHLD = flex_attention_call(q_BHLD, k_BHkvLD, v_BHkvLD, block_mask, scale)
     return out_BHLD.transpose(1, 2).contiguous()
+
+
+def segment_attention(
+    q_BHLD: Tensor,
+    k_BHkvLD: Tensor,
+    v_BHkvLD: Tensor,
+    *,
+    cu_seqlens: Tensor,
+    scale: float,
+    max_seqlen: int | None = None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Bidirectional (non-causal) attention inside each `cu_seqlens` segment; returns `[B, L, H, D_v]`.
+
+    For vision towers, whose attention is full inside each image or window and absent across them. Backends:
+    `auto` (torch's varlen FlashAttention on CUDA in half precision, else `sdpa_varlen`), `varlen`, `sdpa_varlen`
+    (one SDPA call per segment: the same calls transformers' SDPA path of Qwen-VL vision towers makes).
+    Example: `cu_seqlens = [0, 2, 5]`: tokens 0-1 see each other, tokens 2-4 see each other.
+    """
+    num_rows, _, seq_len, _ = _check_qkv(q_BHLD, k_BHkvLD, v_BHkvLD)
+    backend = resolve_backend(backend, q_BHLD, dropout_p=dropout_p)
+    if backend == "varlen":
+        return _torch_varlen(
+            q_BHLD, k_BHkvLD, v_BHkvLD, None, cu_seqlens, max_seqlen, scale, dropout_p, causal=False
+        )
+    if backend == "sdpa_varlen":
+        return _sdpa_varlen(q_BHLD, k_BHkvLD, v_BHkvLD, None, cu_seqlens, scale, dropout_p, causal=False)
+    raise ValueError(f"segment_attention: backend must be 'auto', 'varlen' or 'sdpa_varlen', got {backend!r}")
 
 
 def eager_masked_attention(
@@ -267,6 +296,7 @@ def _sdpa_varlen(
     cu_seqlens: Tensor | None,
     scale: float,
     dropout_p: float,
+    causal: bool = True,
 ) -> Tensor:
     num_rows, num_heads, seq_len, _ = q_BHLD.shape
     group = num_heads // k_BHkvLD.shape[1]
@@ -280,7 +310,7 @@ def _sdpa_varlen(
     for start, end in zip(bounds[:-1], bounds[1:]):
         q_1HnD, k_1HnD, v_1HnD = (x[start:end].transpose(0, 1)[None] for x in (q_THD, k_THD, v_THD))
         out_1HnD = F.scaled_dot_product_attention(
-            q_1HnD, k_1HnD, v_1HnD, is_causal=True, dropout_p=dropout_p, scale=scale
+            q_1HnD, k_1HnD, v_1HnD, is_causal=causal, dropout_p=dropout_p, scale=scale
         )
         outs.append(out_1HnD[0].transpose(0, 1))
     return torch.cat(outs, dim=0).view(num_rows, seq_len, num_heads, -1)
@@ -295,6 +325,7 @@ def _torch_varlen(
     max_seqlen: int | None,
     scale: float,
     dropout_p: float,
+    causal: bool = True,
 ) -> Tensor:
     _require_cuda(q_BHLD, "varlen")
     if dropout_p > 0.0:
@@ -307,7 +338,7 @@ def _torch_varlen(
     else:
         cu, max_seqlen = _host_cu_seqlens(doc_ids_BL, cu_seqlens, num_rows, seq_len, q_BHLD.device)
     out_THD = torch_varlen_attention(
-        _tokens(q_BHLD), _tokens(k_BHkvLD), _tokens(v_BHkvLD), cu, max_seqlen, scale=scale
+        _tokens(q_BHLD), _tokens(k_BHkvLD), _tokens(v_BHkvLD), cu, int(max_seqlen), scale=scale, causal=causal
     )
     return out_THD.view(num_rows, seq_len, num_heads, -1)
 

@@ -14,6 +14,12 @@ Module composition, no monkey-patching of transformers functions:
 - the text config's `_attn_implementation` becomes "mmrope", registered in transformers' `AttentionInterface`.
   It is not a mask implementation, so `masking_utils` returns `None` instead of building O(L^2) masks; the
   registered function itself raises (being called means a layer was not installed).
+- with `attn_backend="auto"` the vision tower's `_attn_implementation` becomes "mmrope_flash_vision", also an
+  `AttentionInterface` entry: a name with "flash" in it is transformers' signal that the function takes packed
+  segments, so the Qwen-VL vision attention hands it every window/image at once through `cu_seqlens` instead of
+  looping one small SDPA call per window (thousands per layer: 38% of a 32K step at 7B scale on an H200). The
+  function runs `mmrope.attention.segment_attention`: torch's varlen FlashAttention on CUDA in half precision,
+  else the same per-segment SDPA calls as transformers' SDPA path.
 
 Packing, padding and DIPE inputs travel as `**kwargs` of the model forward down to `self_attn` (transformers 5.x
 forwards them); build them with `seam_kwargs`. Positions always arrive with the batch (3 rows): the model never
@@ -43,6 +49,7 @@ from mmrope.attention import (
     doc_ids_from_attention_mask,
     doc_ids_from_cu_seqlens,
     packed_attention,
+    segment_attention,
 )
 from mmrope.encodings import Encoding
 
@@ -59,6 +66,43 @@ def _not_installed(module: nn.Module, *args: Any, **kwargs: Any) -> None:
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _not_installed)
+
+VISION_ATTN_IMPLEMENTATION = "mmrope_flash_vision"  # "flash" in the name: transformers passes cu_seqlens
+
+
+def _vision_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: Tensor | None = None,
+    max_length_q: int | Tensor | None = None,
+    is_causal: bool = False,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Vision-tower attention over packed windows/images: `[1, H, T, D]` in, `([1, T, H, D], None)` out."""
+    if attention_mask is not None or cu_seq_lens_q is None or is_causal:
+        raise RuntimeError(
+            f"{VISION_ATTN_IMPLEMENTATION!r} serves vision towers that pass cu_seqlens (bidirectional, no mask); "
+            f"{type(module).__name__} called it otherwise"
+        )
+    max_seqlen = int(max_length_q) if max_length_q is not None else None
+    out_BLHD = segment_attention(
+        query,
+        key,
+        value,
+        cu_seqlens=cu_seq_lens_q,
+        max_seqlen=max_seqlen,
+        scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        dropout_p=dropout,
+    )
+    return out_BLHD, None
+
+
+AttentionInterface.register(VISION_ATTN_IMPLEMENTATION, _vision_attention)
 
 
 def seam_kwargs(
@@ -358,4 +402,7 @@ def install(
     config._attn_implementation = ATTN_IMPLEMENTATION
     if hasattr(lm, "_attn_implementation"):
         lm._attn_implementation = ATTN_IMPLEMENTATION
+    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    if attn_backend == "auto" and vision_config is not None:
+        vision_config._attn_implementation = VISION_ATTN_IMPLEMENTATION
     return model

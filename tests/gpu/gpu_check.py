@@ -59,6 +59,7 @@ class Check:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
         self.results: dict = {"steps": {}}
         self.cache_dir: Path | None = None  # the trainer's data cache (tokenizer, synthetic shards)
+        self.bench_args: list[str] = []  # extra arguments of the step benchmark (GPU only)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -187,7 +188,7 @@ def step_bench(c: Check) -> None:
             "1024",
         ]
     else:
-        args = ["--steps", "2"]
+        args = ["--steps", "2", *c.bench_args]
     out.unlink(missing_ok=True)
     c.run("bench", [sys.executable, "tests/perf/gpu_bench_step.py", *args, "--out", str(out)], 240)
     if out.exists():  # written after each phase: a timed-out run still leaves what it measured
@@ -416,11 +417,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=460.0, help="overall time budget of all steps")
     ap.add_argument("--skip", nargs="*", default=[], help="steps to leave out (e.g. flex)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="reuse this data cache for the train steps")
+    ap.add_argument(
+        "--bench-args", default="", help="extra arguments of gpu_bench_step.py, e.g. '--layers 8'"
+    )
     args = ap.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
     c = Check(out, args.budget_s, args.dry)
     c.cache_dir = args.cache_dir
+    c.bench_args = args.bench_args.split()
     if not args.dry:
         c.env.setdefault("DS_ACCELERATOR", "cuda")
     c.results.update(

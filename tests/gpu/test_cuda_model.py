@@ -101,3 +101,19 @@ def test_auto_fp32_equals_eager_on_packed_row(dipe: bool):
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(TORCH_VARLEN is None, reason="this torch has no torch.nn.attention.varlen")
+@torch.no_grad()
+def test_vision_tower_varlen_bf16_equals_stock_sdpa():
+    """`auto` gives the ViT one varlen FlashAttention call per layer over all windows/images (bf16, CUDA)."""
+    enc = build("mrope", mrope_section=[2, 3, 3])
+    stock = tiny_qwen2_5_vl(seed=4).to("cuda", torch.bfloat16)
+    installed = install(tiny_qwen2_5_vl(seed=4), enc).to("cuda", torch.bfloat16)
+    assert installed.config.vision_config._attn_implementation == "mmrope_flash_vision"
+    grid = torch.tensor([[1, 16, 20], [1, 4, 4], [2, 8, 12]]).cuda()
+    px = pixels(grid.cpu(), seed=9).to("cuda", torch.bfloat16)
+    ref = stock.model.get_image_features(px, grid, return_dict=True).pooler_output
+    out = installed.model.get_image_features(px, grid, return_dict=True).pooler_output
+    ref, out = (torch.cat(list(x)) if isinstance(x, (list, tuple)) else x for x in (ref, out))
+    assert _rel(out.float().cpu(), ref.float().cpu()) < 2e-2

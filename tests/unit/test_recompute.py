@@ -73,7 +73,9 @@ def _saved_bytes_and_vit_graph(mode: str) -> tuple[int, bool]:
     )
     apply_freeze(model, FreezeConfig())
     apply_activation_checkpointing(model, mode)
-    assert not getattr(model.model.language_model, "_require_grads_hooks", None), "input-require-grads hooks left"
+    assert not getattr(model.model.language_model, "_require_grads_hooks", None), (
+        "input-require-grads hooks left"
+    )
     model.train()
     vit_outputs_require_grad = []
     for block in model.model.visual.blocks:

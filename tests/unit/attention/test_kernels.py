@@ -67,10 +67,10 @@ def new_style(
     return _segments_attention(query, key, value, cu_seq_q, causal=tuple(window_size) == (-1, 0), scale=scale)
 
 
-def _reference(q, k, v, cu, scale):
+def _reference(q, k, v, cu, scale, causal: bool = True):
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return _segments_attention(q.double(), k.double(), v.double(), cu, causal=True, scale=scale)
+    return _segments_attention(q.double(), k.double(), v.double(), cu, causal=causal, scale=scale)
 
 
 @pytest.mark.parametrize("fn", [old_style, new_style], ids=["is_causal", "window_size"])
@@ -86,6 +86,10 @@ def test_adapted_kernel_is_causal_per_sample_with_scale_and_gqa(fn, scale):
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     out = kernel(q, k, v, cu, max(LENGTHS), scale=scale)
     torch.testing.assert_close(out, _reference(q, k, v, cu, scale), atol=1e-10, rtol=0)
+    # bidirectional inside each segment (vision towers)
+    full = kernel(q, k, v, cu, max(LENGTHS), scale=scale, causal=False)
+    torch.testing.assert_close(full, _reference(q, k, v, cu, scale, causal=False), atol=1e-10, rtol=0)
+    assert not torch.allclose(full, out)
 
 
 def test_unknown_signature_is_refused_with_the_reason():

@@ -80,7 +80,39 @@ def test_installed_layers_keep_stock_state_dict():
     assert set(model.state_dict()) == keys
     assert all(isinstance(layer.self_attn, MMRopeAttention) for layer in model.model.language_model.layers)
     assert model.config.text_config._attn_implementation == "mmrope"
-    assert model.config.vision_config._attn_implementation == "sdpa"
+    # the default backend (auto) also gives the vision tower packed-segment attention; a named one leaves it stock
+    assert model.config.vision_config._attn_implementation == "mmrope_flash_vision"
+    named = install(tiny_qwen2_5_vl(), _encoding("mrope"), attn_backend="sdpa")
+    assert named.config.vision_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@torch.no_grad()
+def test_vision_tower_with_packed_segments_equals_stock(family):
+    """`auto` hands the ViT's windows/images to one segment-attention call instead of transformers' loop of SDPA
+    calls: same features (windowed and full-attention blocks, several images of different sizes)."""
+    if family == "qwen2_5_vl":
+        stock, installed = tiny_qwen2_5_vl(seed=4), tiny_qwen2_5_vl(seed=4)
+        encoding = _encoding("mrope")
+    else:
+        from tests.unit.model.test_qwen3vl import tiny_qwen3_vl
+
+        stock, installed = tiny_qwen3_vl(seed=4), tiny_qwen3_vl(seed=4)
+        encoding = build(
+            "mrope_i", mrope_section=list(stock.config.text_config.rope_parameters["mrope_section"])
+        )
+    install(installed, encoding)
+    assert installed.config.vision_config._attn_implementation == "mmrope_flash_vision"
+    grid = torch.tensor([[1, 16, 20], [1, 4, 4], [2, 8, 12]])  # several windows per image, a two-frame one
+    px = pixels(grid, seed=9)
+    if family == "qwen3_vl":  # Qwen3-VL's patch embedding takes 16x16 patches
+        px = torch.randn(
+            int(grid.prod(-1).sum()), 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(9)
+        )
+    ref = stock.model.get_image_features(px, grid, return_dict=True).pooler_output
+    out = installed.model.get_image_features(px, grid, return_dict=True).pooler_output
+    ref, out = (torch.cat(list(x)) if isinstance(x, (list, tuple)) else x for x in (ref, out))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
