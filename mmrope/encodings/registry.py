@@ -352,8 +352,9 @@ class Encoding:
         """(pos_3BL, rope_deltas_B1) for a padded batch. See `positions.skeleton` and the design's docstring.
 
         layout "qwen3": per-frame video blocks (grids split per frame, spec 2.1); "qwen2_5": one contiguous block per
-        video with temporal step `second_per_grid_ts[i] * tokens_per_second` (spec 5.1, fixed). `generator` seeds
-        HoPE's per-block temporal scale; the other designs ignore it.
+        video with temporal step `second_per_grid_ts[i] * tokens_per_second` (spec 5.1, fixed); "qwen2" (Qwen2-VL):
+        one contiguous block per video with temporal step 1. `generator` seeds HoPE's per-block temporal scale; the
+        other designs ignore it.
         """
         return batch_positions(
             self.design,

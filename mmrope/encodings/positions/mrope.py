@@ -24,7 +24,9 @@ class MRoPEPositions(PositionDesign):
     Layout "qwen2_5" follows transformers 4.57.1 `Qwen2_5_VLModel.get_rope_index` (spec 5): images get
     `t = base` on every frame (second_per_grid_t = 0 for images), a contiguous video gets
     `t = base + trunc(ti * second_per_grid_t * tokens_per_second)` with the REAL second_per_grid_t (fix 5.1: no int
-    cast first), text after a video resumes after its full temporal extent, and deltas are int64.
+    cast first), text after a video resumes after its full temporal extent, and deltas are int64. Layout "qwen2"
+    follows transformers 4.57.1 `Qwen2VLModel.get_rope_index`: `t = base + ti` for images and contiguous videos
+    (one step per temporal patch), text resuming after the block's full extent, int64 deltas.
 
     `spatial_reset=True` (spec 4.3 (a)): `h = hi`, `w = wi` are local, `t` stays global, and the token after the
     block gets `v = base + max((t-1)s, h'-1, w'-1) + 1` with text continuing at v+1, so text positions equal the
@@ -50,7 +52,7 @@ class MRoPEPositions(PositionDesign):
         self.spatial_reset = spatial_reset
 
     def deltas_dtype(self, layout: str) -> torch.dtype:
-        if layout == "qwen2_5":  # integer ids throughout, like transformers
+        if layout in ("qwen2_5", "qwen2"):  # integer ids throughout, like transformers
             return torch.int64
         return torch.float32 if isinstance(self.temporal_stride, float) else torch.int64
 
@@ -59,6 +61,8 @@ class MRoPEPositions(PositionDesign):
         if blk.layout == "qwen2_5":
             step = blk.time_step if blk.is_video else 0.0
             return torch.trunc(ti * step)  # 4.57.1 casts `ti * step` to long before adding the start
+        if blk.layout == "qwen2":
+            return ti  # Qwen2-VL 4.57.1: t = base + ti for images and videos alike
         return ti * self.temporal_stride
 
     def block(

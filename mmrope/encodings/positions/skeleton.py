@@ -9,7 +9,8 @@ everything the designs share and each design only says how a visual block is lai
   the batch (and across the samples of a packed row), in order of appearance;
 - layouts: "qwen3" splits every video grid [T, H, W] into T per-frame grids [1, H, W] (each frame is its own
   `<ts> VS frame VE` block); "qwen2_5" keeps one contiguous block per video and gives the design a temporal step
-  of `second_per_grid_t * tokens_per_second` for it (spec 5.1, without HF's int cast);
+  of `second_per_grid_t * tokens_per_second` for it (spec 5.1, without HF's int cast); "qwen2" (Qwen2-VL) keeps
+  one contiguous block per video with a temporal step of 1 per temporal patch (no absolute time);
 - rope_deltas = M + 1 - L with L the padded length, so decoding at `cache_position + delta` continues every row
   (left or right padded) right after its own maximum M (spec 2.5, fix 6.7).
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ..tokens import TokenIds
 
-LAYOUTS = ("qwen3", "qwen2_5")
+LAYOUTS = ("qwen3", "qwen2_5", "qwen2")
 
 
 def f32(x: float) -> float:
@@ -132,7 +133,11 @@ class GridCursor:
             for t, h, w in _grid_rows(image_grid_thw, "image_grid_thw")
         ]
         videos = _grid_rows(video_grid_thw, "video_grid_thw")
-        if layout == "qwen3":
+        if layout == "qwen2":
+            # Qwen2-VL (transformers 4.57.1): one contiguous block per video, one temporal step per temporal
+            # patch whatever the frame rate (no absolute time).
+            self.videos = [Block(True, t, h // m, w // m, layout, time_step=1.0) for t, h, w in videos]
+        elif layout == "qwen3":
             # Spec 2.1: [T, H, W] -> T rows [1, H, W]; the caller's tensor is not touched.
             self.videos = [Block(True, 1, h // m, w // m, layout) for t, h, w in videos for _ in range(t)]
         else:
@@ -226,7 +231,7 @@ def find_blocks(ids_n: Tensor, tokens: TokenIds, cursor: GridCursor) -> list[tup
             raise ValueError(
                 f"{key}: grid (t={blk.num_t}, h'={blk.num_h}, w'={blk.num_w}) = {blk.num_tokens} tokens does not match "
                 f"the placeholder run at token {ed} (layout={blk.layout!r}; qwen3 expects per-frame VS..VE video blocks, "
-                "qwen2_5 one contiguous block per video)"
+                "qwen2/qwen2_5 one contiguous block per video)"
             )
         if is_video:
             num_videos -= 1

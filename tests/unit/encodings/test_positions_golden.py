@@ -361,6 +361,26 @@ def test_videorope_qwen25_video_uses_absolute_time_step(seq):
     assert pos[0, 0].tolist() == [0, 1, 2.5, 4, 5]
 
 
+def test_mrope_qwen2_layout_steps_one_per_temporal_patch(seq):
+    """Layout qwen2 (Qwen2-VL, transformers 4.57.1): a contiguous video gets t = base + ti whatever its frame rate,
+    and text resumes after the block's full extent (here the temporal one, 3 > h' - 1, w' - 1).
+
+    T T | VS | video grid (4, 2, 4) -> 4 x 1 x 2 tokens | VE T: base 3; t 3,3,4,4,5,5,6,6; h 3; w 3,4; next 7."""
+    ids = torch.tensor([seq.text(2) + seq.video_qwen25((4, 2, 4)) + seq.text(1)])
+    pos, deltas = build("mrope").position_ids(
+        ids, video_grid_thw=torch.tensor([[4, 2, 4]]), second_per_grid_ts=[0.5], layout="qwen2"
+    )
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 8]
+    assert pos[1, 0].tolist() == [0, 1, 2] + [3] * 8 + [7, 8]
+    assert pos[2, 0].tolist() == [0, 1, 2] + [3, 4] * 4 + [7, 8]
+    assert deltas.dtype == torch.int64 and deltas.item() == 8 + 1 - 13
+    # an image with t = 2 in the qwen2 layout: t = base + ti too (Qwen2.5-VL's qwen2_5 layout gives t = base)
+    img = torch.tensor([seq.image((2, 2, 2))])
+    pos2, _ = build("mrope").position_ids(img, image_grid_thw=torch.tensor([[2, 2, 2]]), layout="qwen2")
+    pos25, _ = build("mrope").position_ids(img, image_grid_thw=torch.tensor([[2, 2, 2]]), layout="qwen2_5")
+    assert pos2[0, 0].tolist() == [0, 1, 2, 3] and pos25[0, 0].tolist() == [0, 1, 1, 2]
+
+
 @pytest.mark.parametrize("layout", ["qwen3", "qwen2_5"])
 def test_grid_token_mismatch_raises(seq, layout):
     ids = torch.tensor([seq.text(2) + seq.image((1, 4, 4)) + seq.text(1)])
@@ -369,7 +389,7 @@ def test_grid_token_mismatch_raises(seq, layout):
     with pytest.raises(ValueError, match="image_grid_thw"):  # leftover grid row
         build("mrope").position_ids(ids, image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]), layout=layout)
     with pytest.raises(ValueError, match="layout"):
-        build("mrope").position_ids(ids, image_grid_thw=torch.tensor([[1, 4, 4]]), layout="qwen2")
+        build("mrope").position_ids(ids, image_grid_thw=torch.tensor([[1, 4, 4]]), layout="qwen4")
 
 
 def test_qwen25_contiguous_video_in_qwen3_layout_raises(seq):
