@@ -9,20 +9,15 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from mmrope.model.families import FAMILIES, family_of
+from mmrope.model.families import tiny_config as family_tiny_config
 from mmrope.train.config import ModelConfig, TinyModelConfig
 
-FAMILY_CLASSES = {
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-    "qwen3_vl": Qwen3VLForConditionalGeneration,
-}
+__all__ = ["FAMILY_CLASSES", "build_model", "compose_vlm", "tiny_config"]
+
+FAMILY_CLASSES = {name: family.model_class for name, family in FAMILIES.items()}
 
 
 def tiny_config(
@@ -31,48 +26,12 @@ def tiny_config(
     vocab_size: int,
     special_ids: dict[str, int],
     mrope_section: list[int] | None = None,
-) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config with tiny sizes and the tokenizer's special ids (the tiny tokenizer is not Qwen's)."""
-    head_dim = tiny.hidden_size // tiny.num_attention_heads
-    n = head_dim // 2
-    section = mrope_section or [n // 4, 3 * n // 8, n - n // 4 - 3 * n // 8]  # [16, 24, 24] at head_dim 128
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        num_hidden_layers=tiny.num_hidden_layers,
-        num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_key_value_heads,
-        intermediate_size=tiny.intermediate_size,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": tiny.rope_theta, "mrope_section": section},
-        tie_word_embeddings=tiny.tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=special_ids["eos_token_id"],
-        pad_token_id=special_ids["pad_token_id"],
-    )
-    vision = dict(
-        depth=tiny.vision_depth,
-        hidden_size=tiny.vision_hidden_size,
-        num_heads=tiny.vision_num_heads,
-        intermediate_size=tiny.vision_intermediate_size,
-        out_hidden_size=tiny.hidden_size,
-        patch_size=tiny.patch_size,
-        temporal_patch_size=tiny.temporal_patch_size,
-        spatial_merge_size=tiny.spatial_merge_size,
-        fullatt_block_indexes=[tiny.vision_depth - 1],
-        window_size=112,
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        tie_word_embeddings=tiny.tie_word_embeddings,
-        image_token_id=special_ids["image_token_id"],
-        video_token_id=special_ids["video_token_id"],
-        vision_start_token_id=special_ids["vision_start_token_id"],
-        vision_end_token_id=special_ids["vision_end_token_id"],
-        bos_token_id=None,
-        eos_token_id=special_ids["eos_token_id"],
-        pad_token_id=special_ids["pad_token_id"],
+    family: str = "qwen2_5_vl",
+) -> PretrainedConfig:
+    """A `family` config with tiny sizes and the tokenizer's special ids (the tiny tokenizer is not Qwen's);
+    see `mmrope.model.families.tiny_config`."""
+    return family_tiny_config(
+        family, tiny, vocab_size=vocab_size, special_ids=special_ids, mrope_section=mrope_section
     )
 
 
@@ -98,11 +57,16 @@ def build_model(
         if vocab_size is None or special_ids is None:
             raise ValueError("the tiny model needs the tokenizer's vocab size and special token ids")
         torch.manual_seed(seed)  # identical initial weights on every rank and every run
-        config = tiny_config(cfg.tiny, vocab_size=vocab_size, special_ids=special_ids)
+        config = tiny_config(cfg.tiny, vocab_size=vocab_size, special_ids=special_ids, family=cfg.family)
         config._attn_implementation = attn
-        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        model = FAMILIES[cfg.family].model_class(config).to(dtype)
     elif cfg.kind == "pretrained":
         path = _local_dir(cfg.path, "model.path")
+        found = family_of(AutoConfig.from_pretrained(path, local_files_only=True)).name
+        if found != cfg.family:
+            raise ValueError(
+                f"config key `model.family`: {cfg.family!r}, but the checkpoint at {path} is {found!r}"
+            )
         model = FAMILY_CLASSES[cfg.family].from_pretrained(
             path, dtype=dtype, attn_implementation=attn, local_files_only=True
         )

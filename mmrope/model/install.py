@@ -35,6 +35,7 @@ imports the eval package); see `mmrope.eval.probe.ProbeRecorder`.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from mmrope.attention import (
     segment_attention,
 )
 from mmrope.encodings import Encoding
+from mmrope.model.families import check_encoding, text_geometry
 
 ATTN_IMPLEMENTATION = "mmrope"
 ATTN_BACKENDS = PACKED_BACKENDS  # "auto" (the default) picks torch's varlen FlashAttention on CUDA
@@ -129,6 +131,7 @@ def seam_kwargs(
     out: dict[str, Tensor] = {}
     if attention_mask_BL is not None:
         out["mmrope_doc_ids"] = doc_ids_from_attention_mask(attention_mask_BL)
+        out["mmrope_token_mask"] = attention_mask_BL.bool()  # linear-attention layers zero the pads
     for key, value in (
         ("mmrope_cu_seqlens", cu_seqlens),
         ("mmrope_max_seqlen", max_seqlen),
@@ -204,6 +207,9 @@ class MMRopeAttention(nn.Module):
         # Qwen3-VL normalises q/k per head before rotation; reuse the same modules (same state_dict keys).
         self.q_norm = getattr(stock, "q_norm", None)
         self.k_norm = getattr(stock, "k_norm", None)
+        # Qwen3.5 gates the attention output: q_proj yields (query, gate) per head, out * sigmoid(gate) -> o_proj.
+        num_heads = stock.config.num_attention_heads
+        self.output_gate = stock.q_proj.out_features == 2 * num_heads * self.head_dim
         self.attn_backend = attn_backend
         self.dipe = dipe
         # A plain reference, not a submodule: the Rotary is registered once, on the text model.
@@ -214,6 +220,16 @@ class MMRopeAttention(nn.Module):
         if norm is not None:
             x_BLHD = norm(x_BLHD)
         return x_BLHD.transpose(1, 2)
+
+    def _query_and_gate(self, x_BLd: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.output_gate:
+            return self._project(self.q_proj, self.q_norm, x_BLd), None
+        q_BLHD, gate_BLHD = torch.chunk(
+            self.q_proj(x_BLd).view(*x_BLd.shape[:-1], -1, 2 * self.head_dim), 2, -1
+        )
+        if self.q_norm is not None:
+            q_BLHD = self.q_norm(q_BLHD)
+        return q_BLHD.transpose(1, 2), gate_BLHD.reshape(*x_BLd.shape[:-1], -1)
 
     def forward(
         self,
@@ -233,7 +249,7 @@ class MMRopeAttention(nn.Module):
             raise RuntimeError("MMRopeAttention needs position_embeddings from MMRopeRotaryEmbedding")
         rotary_emb = self._rotary_emb[0]
         num_rows, q_len, _ = hidden_states.shape
-        q_BHLD = self._project(self.q_proj, self.q_norm, hidden_states)
+        q_BHLD, gate_BLd = self._query_and_gate(hidden_states)
         k_BHkvLD = self._project(self.k_proj, self.k_norm, hidden_states)
         v_BHkvLD = self._project(self.v_proj, None, hidden_states)
 
@@ -261,7 +277,10 @@ class MMRopeAttention(nn.Module):
             out_BLHD = self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
         else:
             out_BLHD = self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
-        return self.o_proj(out_BLHD.reshape(num_rows, q_len, -1)), None
+        out_BLd = out_BLHD.reshape(num_rows, q_len, -1)
+        if gate_BLd is not None:
+            out_BLd = out_BLd * torch.sigmoid(gate_BLd)
+        return self.o_proj(out_BLd), None
 
     def _probe(self, probe: Any, q_dyn, q_sta, k, q_len: int, kwargs: dict[str, Any]) -> None:
         """Hand the rotated q/k and the masks of this call to `probe.record` (no effect on the output)."""
@@ -353,6 +372,130 @@ class MMRopeAttention(nn.Module):
         return out_BHQD.transpose(1, 2)
 
 
+class PackedLinearAttention(nn.Module):
+    """A Qwen3.5 gated delta-net (linear-attention) layer that keeps packed samples apart.
+
+    The causal conv window and the recurrent state of a delta-net run along the row, so on a packed row they would
+    carry one sample into the next. transformers 5.23 has sanctioned kwargs for sample boundaries
+    (`cu_seq_lens_q` -> `cu_seqlens` of the chunked delta rule, `seq_idx` of the causal conv), but only the optional
+    CUDA kernels (flash-linear-attention, causal-conv1d) honour them: its torch path raises ValueError when given
+    them (and the conv's torch path would silently ignore `cu_seq_lens_q`). So on a packed row this layer runs
+    the stock projections, output norm and out_proj ONCE over the row, and the two sequence kernels that carry
+    state, transformers' own `causal_conv1d_fn` and `chunk_gated_delta_rule` of the family's modeling module
+    (which dispatch to those CUDA kernels when installed), once per sample from a zero state: each sample is
+    computed exactly as alone. Every submodule runs once per forward, in the stock order, whatever the number of
+    samples, which ZeRO-3's parameter gathering needs (ranks issue the same collectives).
+
+    Rows without packing (one sample per row, padding, generation with the recurrent cache) run the stock forward
+    itself. Padding (`seam_kwargs(attention_mask_BL=...)`) reaches it as the stock 2D mask, which zeroes pad
+    tokens: a left-padded row then equals its unpadded self, as generation needs.
+
+    Composition, not a copy: the layer shares the stock module's parameter, buffer and submodule containers
+    (same names, same tensors: state_dict keys stay stock).
+    """
+
+    def __init__(self, stock: nn.Module) -> None:
+        super().__init__()
+        self._parameters = stock._parameters
+        self._buffers = stock._buffers
+        self._non_persistent_buffers_set = stock._non_persistent_buffers_set
+        self._modules = stock._modules
+        self.layer_idx = stock.layer_idx
+        self._stock = (stock,)  # a plain reference: the stock forward, run on the shared parameters
+        modeling = sys.modules[type(stock).__module__]
+        kernels = [
+            getattr(modeling, name, None) for name in ("causal_conv1d_fn", "torch_chunk_gated_delta_rule")
+        ]
+        if any(k is None for k in kernels):
+            raise ValueError(
+                f"model: {type(stock).__name__}'s module has no causal_conv1d_fn / torch_chunk_gated_delta_rule; "
+                "this transformers version is not supported for packed linear attention"
+            )
+        self._conv_fn, self._delta_rule_fn = kernels
+
+    def train(self, mode: bool = True) -> PackedLinearAttention:
+        self._stock[0].training = mode
+        return super().train(mode)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters of submodules read without calling the submodule (the causal conv's weight): ZeRO-3 must
+        gather them with this layer (`deepspeed.zero.register_external_parameter`)."""
+        return [self.conv1d.weight] + ([self.conv1d.bias] if self.conv1d.bias is not None else [])
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cache_params: Any = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if attention_mask is not None:
+            raise RuntimeError(
+                "an mmrope model got a prepared attention mask; padding/packing must come through seam_kwargs"
+            )
+        num_rows, seq_len, _ = hidden_states.shape
+        cu_seqlens = kwargs.get("mmrope_cu_seqlens")
+        if cu_seqlens is not None and cu_seqlens.numel() - 1 != num_rows:  # several samples per row
+            # A packed row is never continued by decoding (its cache entries, keys and states alike, mean
+            # nothing), so a cache that transformers created by default (use_cache=True) is left untouched here.
+            bounds = [int(b) for b in cu_seqlens.tolist()]
+            if bounds[0] != 0 or bounds[-1] != num_rows * seq_len or bounds != sorted(bounds):
+                raise ValueError(f"mmrope_cu_seqlens must rise from 0 to {num_rows * seq_len}, got {bounds}")
+            flat_1Nd = hidden_states.reshape(1, num_rows * seq_len, -1)
+            return self._packed(flat_1Nd, bounds).view(num_rows, seq_len, -1)
+        mask_BL = kwargs.get("mmrope_token_mask")
+        if mask_BL is not None and (seq_len == 1 or bool(mask_BL.all())):
+            mask_BL = None  # as transformers' create_recurrent_attention_mask: nothing to zero
+        elif mask_BL is not None:
+            mask_BL = mask_BL[:, -seq_len:]
+        return self._stock[0](hidden_states, cache_params=cache_params, attention_mask=mask_BL)
+
+    def _packed(self, x_1Nd: Tensor, bounds: list[int]) -> Tensor:
+        """The stock forward (transformers 5.23 `Qwen3_5GatedDeltaNet.forward`, no cache, no mask), with the conv
+        and the delta rule restarted at every sample boundary."""
+        st = self._stock[0]
+        num_tokens = x_1Nd.shape[1]
+        segments = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        mixed_1CN = self.in_proj_qkv(x_1Nd).transpose(1, 2)
+        z_1NHD = self.in_proj_z(x_1Nd).reshape(1, num_tokens, -1, st.head_v_dim)
+        b_1NH = self.in_proj_b(x_1Nd)
+        a_1NH = self.in_proj_a(x_1Nd)
+        weight = self.conv1d.weight.squeeze(1)
+        mixed_1CN = torch.cat(
+            [
+                self._conv_fn(mixed_1CN[:, :, s:e], weight, self.conv1d.bias, activation=st.activation)
+                for s, e in segments
+            ],
+            dim=2,
+        )
+        query, key, value = torch.split(
+            mixed_1CN.transpose(1, 2), [st.key_dim, st.key_dim, st.value_dim], dim=-1
+        )
+        query = query.reshape(1, num_tokens, -1, st.head_k_dim)
+        key = key.reshape(1, num_tokens, -1, st.head_k_dim)
+        value = value.reshape(1, num_tokens, -1, st.head_v_dim)
+        beta = b_1NH.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a_1NH.float() + self.dt_bias)
+        core_1NHD = torch.cat(
+            [
+                self._delta_rule_fn(
+                    query[:, s:e],
+                    key[:, s:e],
+                    value[:, s:e],
+                    g=g[:, s:e],
+                    beta=beta[:, s:e],
+                    initial_state=None,
+                    output_final_state=False,
+                    use_qk_l2norm_in_kernel=True,
+                )[0]
+                for s, e in segments
+            ],
+            dim=1,
+        )
+        core = self.norm(core_1NHD.reshape(-1, st.head_v_dim), z_1NHD.reshape(-1, st.head_v_dim))
+        return self.out_proj(core.reshape(1, num_tokens, -1))
+
+
 def text_model(model: nn.Module) -> nn.Module:
     """The decoder stack of a `*ForConditionalGeneration` / `*Model` VLM (has `layers` and `rotary_emb`)."""
     inner = getattr(model, "model", model)
@@ -368,13 +511,39 @@ def is_installed(model: nn.Module) -> bool:
     return isinstance(text_model(model).rotary_emb, MMRopeRotaryEmbedding)
 
 
+def _check_layers(lm: nn.Module) -> None:
+    """Every decoder layer must be full causal attention (`self_attn`) or a gated delta-net (`linear_attn`)."""
+    layer_types = list(getattr(lm.config, "layer_types", None) or [])
+    if "sliding_attention" in layer_types:
+        raise ValueError(
+            "model: sliding-window attention layers (text_config.use_sliding_window / layer_types) are not "
+            "supported by mmrope's packed attention; use a config without them (the released Qwen2-VL "
+            "checkpoints have use_sliding_window=false)"
+        )
+    for i, layer in enumerate(lm.layers):
+        if not (
+            hasattr(layer, "self_attn")
+            or type(getattr(layer, "linear_attn", None)).__name__.endswith("GatedDeltaNet")
+        ):
+            raise ValueError(
+                f"model: text layer {i} ({type(layer).__name__}) has neither self_attn nor a gated delta-net "
+                "linear_attn; mmrope cannot install into it"
+            )
+
+
 def install(
     model: nn.Module, encoding: Encoding, *, attn_backend: str = "auto", dipe: bool = False
 ) -> nn.Module:
-    """Install `encoding` (and DIPE if `dipe`) into a Qwen2.5-VL / Qwen3-VL model in place; returns the model.
+    """Install `encoding` (and DIPE if `dipe`) into a model of any family in `mmrope.model.families` (Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) in place; returns the model.
+
+    Attention layers become `MMRopeAttention` (Qwen3.5's output gate and partial rotary included); Qwen3.5's
+    gated delta-net layers become `PackedLinearAttention` (packed samples start from a zero recurrent state).
 
     Raises ValueError naming the argument: unknown `attn_backend`, DIPE with a 1D encoding, an encoding whose
-    geometry does not fit the model (e.g. mhrope's num_key_value_heads), or a model installed twice.
+    geometry does not fit the model (`EncodingMisfit` naming the hyperparameter, e.g. mhrope's
+    num_key_value_heads or chunked sections that do not cover the rotary pairs), sliding-window layers, or a
+    model installed twice.
     """
     if attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
@@ -383,23 +552,27 @@ def install(
     lm = text_model(model)
     if isinstance(lm.rotary_emb, MMRopeRotaryEmbedding):
         raise ValueError("model: an mmrope encoding is already installed")
-    config = lm.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    _check_layers(lm)
+    geometry = text_geometry(lm.config)
+    check_encoding(encoding, geometry)
     rotary = encoding.rotary(
-        head_dim=head_dim,
-        rope_theta=rope_theta,
-        partial_rotary_factor=rope.get("partial_rotary_factor", 1.0) or 1.0,
-        num_key_value_heads=config.num_key_value_heads,
+        head_dim=geometry.head_dim,
+        rope_theta=geometry.rope_theta,
+        partial_rotary_factor=geometry.partial_rotary_factor,
+        num_key_value_heads=geometry.num_key_value_heads,
     )
     # The encoding caches its Rotary; each model gets its own copy (GRAPE's planes are parameters).
     device = lm.embed_tokens.weight.device
     rotary_emb = MMRopeRotaryEmbedding(copy.deepcopy(rotary)).to(device)
     lm.rotary_emb = rotary_emb
     for layer in lm.layers:
-        layer.self_attn = MMRopeAttention(layer.self_attn, rotary_emb, attn_backend=attn_backend, dipe=dipe)
-    config._attn_implementation = ATTN_IMPLEMENTATION
+        if hasattr(layer, "self_attn"):
+            layer.self_attn = MMRopeAttention(
+                layer.self_attn, rotary_emb, attn_backend=attn_backend, dipe=dipe
+            )
+        else:  # checked above: a linear-attention (gated delta-net) layer
+            layer.linear_attn = PackedLinearAttention(layer.linear_attn)
+    lm.config._attn_implementation = ATTN_IMPLEMENTATION
     if hasattr(lm, "_attn_implementation"):
         lm._attn_implementation = ATTN_IMPLEMENTATION
     vision_config = getattr(getattr(model, "config", None), "vision_config", None)

@@ -38,6 +38,11 @@ class SFTObjective(nn.Module):
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, self.vlm.lm_head.weight)
+            # Qwen3.5's delta-net reads its causal conv's weight without calling the conv module: gather it
+            # with the layer that uses it.
+            for module in self.vlm.modules():
+                for param in getattr(module, "external_parameters", lambda: [])():
+                    deepspeed.zero.register_external_parameter(module, param)
 
     def forward(self, batch: dict, num_global_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         """Return the token cross-entropy summed over this row, divided by `num_global_tokens` (the supervised

@@ -91,3 +91,64 @@ def pixels(grid_thw: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n = int(grid_thw.prod(-1).sum())
     return torch.randn(n, 3 * 2 * 14 * 14, generator=g)
+
+
+SPECIAL_IDS = {
+    "image_token_id": TOKENS.image_token_id,
+    "video_token_id": TOKENS.video_token_id,
+    "vision_start_token_id": TOKENS.vision_start_token_id,
+    "vision_end_token_id": TOKENS.vision_end_token_id,
+    "pad_token_id": PAD_ID,
+    "eos_token_id": 1,
+}
+
+
+def tiny_family(
+    family: str,
+    *,
+    head_dim: int = 16,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    attn: str = "sdpa",
+    seed: int = 0,
+):
+    """A fp32 eval-mode `family` model from `mmrope.model.families.tiny_config` (the same builder train.py uses)
+    at test sizes: 2 layers (Qwen3.5: one gated delta-net + one attention layer), 8 rotary pairs at head_dim 16
+    (Qwen3.5: head_dim 64 with partial_rotary_factor 0.25), a 1-block ViT on 14-pixel patches."""
+    from mmrope.model.families import FAMILIES, tiny_config
+    from mmrope.train.config import TinyModelConfig
+
+    tiny = TinyModelConfig(
+        hidden_size=num_heads * head_dim,
+        num_hidden_layers=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=64,
+        rope_theta=10000.0,
+        vision_depth=1,
+        vision_hidden_size=16,
+        vision_num_heads=2,
+        vision_intermediate_size=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    config = tiny_config(family, tiny, vocab_size=VOCAB, special_ids=SPECIAL_IDS)
+    config._attn_implementation = attn
+    return FAMILIES[family].model_class(config).float().eval()
+
+
+def video_sample(num_before: int, grid_thw: tuple[int, int, int], num_after: int, seed: int):
+    """ids [L] = text, VS, one contiguous block of video placeholders (t * h * w / merge^2), VE, text (the
+    qwen2 / qwen2_5 layout); and its grid_thw [1, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = grid_thw
+    ids = torch.cat(
+        [
+            torch.randint(2, 50, (num_before,), generator=g),
+            torch.tensor([TOKENS.vision_start_token_id]),
+            torch.full((t * (h // 2) * (w // 2),), TOKENS.video_token_id),
+            torch.tensor([TOKENS.vision_end_token_id]),
+            torch.randint(2, 50, (num_after,), generator=g),
+        ]
+    )
+    return ids, torch.tensor([grid_thw])
