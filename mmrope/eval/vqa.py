@@ -234,7 +234,9 @@ def load_checkpoint(
     dipe = bool(meta.get("dipe", False))
     install(model, encoding, attn_backend=attn_backend, dipe=dipe)
     processor = load_processor(path_)
-    layout = meta.get("layout") or ("qwen2_5" if family == "qwen2_5_vl" else "qwen3")
+    from mmrope.model.families import FAMILIES
+
+    layout = meta.get("layout") or FAMILIES[family].layout
     return Checkpoint(str(path), model, processor, encoding, token_ids_for(processor), layout, dipe)
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mmrope.attention import PACKED_BACKENDS
+from mmrope.model.families import FAMILIES
 
 MODEL_KINDS = ("tiny", "pretrained", "composed")
-MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+MODEL_FAMILIES = tuple(FAMILIES)  # qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe
+COMPOSED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # ViT + connector of a VLM, LLM of a plain causal LM
 ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("auto", "must", "never")
@@ -86,7 +89,7 @@ class FreezeConfig:
 @dataclass
 class ModelConfig:
     kind: str = "tiny"  # tiny | pretrained (one local VLM checkpoint) | composed (ViT+connector from one, LLM from another)
-    family: str = "qwen2_5_vl"  # qwen2_5_vl | qwen3_vl
+    family: str = "qwen2_5_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5 | qwen3_5_moe
     path: str | None = None  # kind=pretrained: local VLM checkpoint directory
     vision_path: str | None = (
         None  # kind=composed: local VLM checkpoint providing ViT + connector (+ processor)
@@ -116,12 +119,8 @@ class ModelConfig:
         if self.kind == "composed":
             _require(bool(self.vision_path), "model.vision_path", "is required when model.kind=composed")
             _require(bool(self.llm_path), "model.llm_path", "is required when model.kind=composed")
-        if self.kind == "tiny" and self.family != "qwen2_5_vl":
-            _require(
-                False,
-                "model.family",
-                "the tiny model is built as qwen2_5_vl; use kind=pretrained for qwen3_vl",
-            )
+        if self.kind == "composed":
+            _one_of(self.family, COMPOSED_FAMILIES, "model.family")
 
 
 @dataclass
@@ -132,21 +131,39 @@ class RopeConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     dipe: bool = False  # DIPE inter-modal anchoring on top of any 3-axis encoding
     layout: str | None = (
-        None  # video token layout: qwen2_5 (contiguous) | qwen3 (per frame); None = from model.family
+        None  # video token layout: qwen2 | qwen2_5 (contiguous) | qwen3 (per frame); None = from model.family
     )
 
     def __post_init__(self) -> None:
         from mmrope.encodings import available
 
         _one_of(self.name, tuple(available()), "rope.name")
+        self.encoding()  # unknown or invalid hyperparameters fail here, naming rope.hparams.<key>
         if self.layout is not None:
-            _one_of(self.layout, ("qwen2_5", "qwen3"), "rope.layout")
+            _one_of(self.layout, ("qwen2", "qwen2_5", "qwen3"), "rope.layout")
         if self.dipe:
             _require(
                 self.name not in ("vanilla", "v2pe"),
                 "rope.dipe",
                 f"DIPE needs a 3-axis encoding; {self.name!r} is 1D",
             )
+
+    def encoding(self):
+        """`mmrope.encodings.build(name, **hparams)`, its ValueError naming the config key."""
+        from mmrope.encodings import build
+
+        try:
+            return build(self.name, **self.hparams)
+        except ValueError as e:
+            raise ValueError(f"config key `{_hparam_key(str(e), self.hparams)}`: {e}") from e
+
+
+def _hparam_key(message: str, hparams: dict[str, Any]) -> str:
+    """`rope.hparams.<key>` for an error about hyperparameter <key>, else `rope.hparams` / `rope.name`."""
+    word = message.split(" ", 1)[0].rstrip(":")
+    if word in hparams or word in ("temporal_stride", "mrope_section", "spatial_reset", "text_axes"):
+        return f"rope.hparams.{word}"
+    return "rope.hparams" if hparams else "rope.name"
 
 
 @dataclass
@@ -339,7 +356,7 @@ class TrainConfig:
         return self.trainer.global_batch_size // per_step
 
     def rope_layout(self) -> str:
-        return self.rope.layout or ("qwen2_5" if self.model.family == "qwen2_5_vl" else "qwen3")
+        return self.rope.layout or FAMILIES[self.model.family].layout
 
 
 def register_configs() -> None:
@@ -362,4 +379,35 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         )
     if not math.isfinite(obj.trainer.optim.lr):
         raise ValueError("config key `trainer.optim.lr`: must be finite")
+    check_rope_fits_model(obj)
     return obj
+
+
+def check_rope_fits_model(cfg: TrainConfig) -> None:
+    """Refuse an encoding the model cannot take (`mmrope.model.families.check_encoding`), naming the key.
+
+    The text model's geometry comes from the tiny config, or from the checkpoint's config.json (a local read,
+    no weights); a path that is not a directory is left to the model build, which names `model.path`.
+    """
+    from mmrope.model.families import EncodingMisfit, check_encoding, text_geometry, tiny_config
+
+    m = cfg.model
+    if m.kind == "tiny":
+        ids = dict.fromkeys(
+            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 0
+        ) | {"pad_token_id": 0, "eos_token_id": 0}
+        text_config = tiny_config(m.family, m.tiny, vocab_size=8, special_ids=ids).get_text_config()
+    else:
+        path = m.path if m.kind == "pretrained" else m.llm_path
+        if not path or not Path(path).is_dir():
+            return
+        from transformers import AutoConfig
+
+        text_config = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
+    try:
+        check_encoding(cfg.rope.encoding(), text_geometry(text_config))
+    except EncodingMisfit as e:
+        key = f"rope.hparams.{e.hparam}" if e.hparam else "rope.name"
+        raise ValueError(
+            f"config key `{key}`: rope={cfg.rope.name} does not fit model.family={m.family}: {e.reason}"
+        ) from e

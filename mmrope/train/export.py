@@ -5,9 +5,9 @@
 
 Writes: `model.safetensors` (+ `config.json`, `generation_config.json`) for the whole VLM, frozen ViT
 included; the tokenizer (with its chat template) and the image processor; and `mmrope_encoding.json`, the
-position encoding the model was trained with. With `rope=mrope`/`mrope_i` (no DIPE) the directory is a stock
-checkpoint: `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)` computes what the training model
-computed. Other encodings need mmrope's install at load time (`stock: false` in mmrope_encoding.json).
+position encoding the model was trained with. With the family's own encoding (`mrope` for Qwen2-VL/Qwen2.5-VL,
+`mrope_i` for Qwen3-VL(-MoE)/Qwen3.5(-MoE); no DIPE) the directory is a stock checkpoint: the family's
+`*ForConditionalGeneration.from_pretrained(out)` computes what the training model computed. Other encodings need mmrope's install at load time (`stock: false` in mmrope_encoding.json).
 
 The weights come from DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`: fp32 master
 weights of the trainable parameters + the frozen ones from the model-state files). The engine wraps the VLM
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from mmrope.model.families import FAMILIES
 from mmrope.train.checkpoint import MANIFEST, CheckpointManager
 from mmrope.train.config import TrainConfig
 
-STOCK_ENCODINGS = ("mrope", "mrope_i")
 WRAPPER_PREFIX = "vlm."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,8 +103,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
         "hparams": dict(rope.hparams),
         "dipe": rope.dipe,
         "layout": cfg.rope_layout(),
-        "stock": rope.name in STOCK_ENCODINGS and not rope.dipe,
-        "model_family": cfg.model.family if cfg.model.kind != "tiny" else "qwen2_5_vl",
+        "stock": rope.name == FAMILIES[cfg.model.family].stock_encoding and not rope.dipe,
+        "model_family": cfg.model.family,
         "trained_steps": manifest["step"],
         "config_hash": manifest["config_hash"],
     }
