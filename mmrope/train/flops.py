@@ -17,6 +17,13 @@ Convention (the README copies this):
   is what makes packing honest: samples of a row never attend to each other.
 - Linear layers of the LLM: q/k/v/o projections (GQA: k and v have ``num_kv_heads * head_dim`` outputs) and
   the SwiGLU MLP (gate, up, down), on every token of every sample. Pass real sample lengths (exclude padding).
+  Qwen3.5's q_proj is twice as wide (it also yields the output gate).
+- Mixture of experts (Qwen3-VL-MoE, Qwen3.5-MoE): the router ``2 * hidden * num_experts`` plus the
+  ``num_experts_per_tok`` routed SwiGLU experts actually run per token (active, not total, parameters), plus the
+  shared expert and its 1-wide gate where there is one.
+- Gated delta-net layers (Qwen3.5): their projections (qkv, z, b, a, out) on every token, and the delta rule as
+  its recurrent form ``3 * 2 * Dk * Dv`` per token and value head (read ``k.S``, rank-1 write, read ``q.S``); the
+  depthwise causal conv is not a matmul and is not counted. These layers have no softmax attention term.
 - LM head: ``2 * hidden * vocab`` per token, only on supervised tokens when the fused loss is used
   (``fused_lm_head=True``), else on every token.
 - ViT: patch embedding (a Conv3d = a matmul of ``in_channels * temporal_patch_size * patch_size^2`` by hidden
@@ -45,11 +52,25 @@ from torch import Tensor
 class LLMShape:
     num_layers: int
     hidden: int
-    intermediate: int
+    intermediate: int  # dense SwiGLU width (0: no dense MLP, every layer is MoE)
     num_heads: int
     num_kv_heads: int
     head_dim: int
     vocab: int
+    # Qwen3.5: q_proj also yields a per-head output gate (q_proj twice as wide)
+    attn_output_gate: bool = False
+    # Qwen3.5: gated delta-net layers instead of attention in `num_linear_layers` of the layers
+    num_linear_layers: int = 0
+    linear_num_k_heads: int = 0
+    linear_num_v_heads: int = 0
+    linear_head_k_dim: int = 0
+    linear_head_v_dim: int = 0
+    # Mixture of experts in `num_moe_layers` of the layers (replacing their dense MLP)
+    num_moe_layers: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate: int = 0
+    shared_expert_intermediate: int = 0  # Qwen3.5-MoE: one shared SwiGLU expert (+ a 1-wide gate)
 
 
 @dataclass(frozen=True)
@@ -113,15 +134,39 @@ def llm_flops_breakdown(
     factor = _train_factor(trainable)
     q_width = shape.num_heads * shape.head_dim
     kv_width = shape.num_kv_heads * shape.head_dim
-    per_token_per_layer = (
-        2 * shape.hidden * q_width  # q_proj
-        + 2 * 2 * shape.hidden * kv_width  # k_proj, v_proj
-        + 2 * q_width * shape.hidden  # o_proj
-        + 3 * 2 * shape.hidden * shape.intermediate  # gate, up, down
+    h = shape.hidden
+    num_attn_layers = shape.num_layers - shape.num_linear_layers
+    attn_proj = (
+        2 * h * q_width * (2 if shape.attn_output_gate else 1)  # q_proj (+ output gate)
+        + 2 * 2 * h * kv_width  # k_proj, v_proj
+        + 2 * q_width * h  # o_proj
     )
-    linear = per_token_per_layer * num_tokens * shape.num_layers
-    # Causal, per sample: QK^T and PV each 2 * (L^2 / 2) * H * D.
-    attention = 2 * 2 * sum(length * length / 2 for length in lengths) * q_width * shape.num_layers
+    key_dim = shape.linear_num_k_heads * shape.linear_head_k_dim
+    value_dim = shape.linear_num_v_heads * shape.linear_head_v_dim
+    delta_net = (
+        2 * h * (2 * key_dim + value_dim)  # in_proj_qkv
+        + 2 * h * value_dim  # in_proj_z
+        + 2 * 2 * h * shape.linear_num_v_heads  # in_proj_b, in_proj_a
+        + 2 * value_dim * h  # out_proj
+        # the delta rule per token and value head on its [Dk, Dv] state: read k.S, write k (x) delta, read q.S
+        + 3 * 2 * shape.linear_num_v_heads * shape.linear_head_k_dim * shape.linear_head_v_dim
+    )
+    dense_mlp = 3 * 2 * h * shape.intermediate  # gate, up, down
+    moe_mlp = (
+        2 * h * shape.num_experts  # router
+        + shape.num_experts_per_tok * 3 * 2 * h * shape.moe_intermediate  # the routed experts
+        + (3 * 2 * h * shape.shared_expert_intermediate + 2 * h if shape.shared_expert_intermediate else 0)
+    )
+    num_dense_layers = shape.num_layers - shape.num_moe_layers
+    per_token = (
+        num_attn_layers * attn_proj
+        + shape.num_linear_layers * delta_net
+        + num_dense_layers * dense_mlp
+        + shape.num_moe_layers * moe_mlp
+    )
+    linear = per_token * num_tokens
+    # Causal, per sample: QK^T and PV each 2 * (L^2 / 2) * H * D (softmax-attention layers only).
+    attention = 2 * 2 * sum(length * length / 2 for length in lengths) * q_width * num_attn_layers
     lm_head_tokens = num_supervised_tokens if fused_lm_head else num_tokens
     lm_head = 2 * shape.hidden * shape.vocab * lm_head_tokens
     return {
@@ -266,28 +311,46 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float
 
 
 def shapes_from_hf_config(config) -> tuple[LLMShape, ViTShape]:
-    """Read a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config (duck-typed: ``text_config`` and ``vision_config``).
-
-    Older flat configs (text attributes on the top-level object) are accepted. Mixture-of-experts text
-    configs are refused: their active parameters per token are not modelled here.
+    """Read a Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5(-MoE) config (duck-typed: ``text_config`` and
+    ``vision_config``). Older flat configs (text attributes on the top-level object) are accepted.
     """
     text = getattr(config, "text_config", None) or config
     vision = getattr(config, "vision_config", None)
     if vision is None:
         raise ValueError("config has no vision_config")
-    if (getattr(text, "num_experts", None) or 0) > 0:
-        raise ValueError("config.text_config.num_experts > 0: MoE FLOPs are not supported")
 
     num_heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    num_layers = text.num_hidden_layers
+    layer_types = list(getattr(text, "layer_types", None) or [])[:num_layers]
+    num_experts = getattr(text, "num_experts", None) or 0
+    moe_layers = 0
+    if num_experts:
+        if hasattr(text, "decoder_sparse_step"):  # Qwen3-VL-MoE: sparse every `step` layers, except mlp_only
+            step, dense = text.decoder_sparse_step or 1, set(getattr(text, "mlp_only_layers", None) or ())
+            moe_layers = sum(1 for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+        else:  # Qwen3.5-MoE: every layer
+            moe_layers = num_layers
+    model_type = str(getattr(config, "model_type", ""))
     llm = LLMShape(
-        num_layers=text.num_hidden_layers,
+        num_layers=num_layers,
         hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
+        intermediate=getattr(text, "intermediate_size", None) or 0,
         num_heads=num_heads,
         num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         vocab=text.vocab_size,
+        attn_output_gate=model_type.startswith("qwen3_5"),
+        num_linear_layers=layer_types.count("linear_attention"),
+        linear_num_k_heads=getattr(text, "linear_num_key_heads", 0) or 0,
+        linear_num_v_heads=getattr(text, "linear_num_value_heads", 0) or 0,
+        linear_head_k_dim=getattr(text, "linear_key_head_dim", 0) or 0,
+        linear_head_v_dim=getattr(text, "linear_value_head_dim", 0) or 0,
+        num_moe_layers=moe_layers,
+        num_experts=num_experts,
+        num_experts_per_tok=getattr(text, "num_experts_per_tok", 0) or 0,
+        moe_intermediate=getattr(text, "moe_intermediate_size", 0) or 0,
+        shared_expert_intermediate=getattr(text, "shared_expert_intermediate_size", 0) or 0,
     )
 
     model_type = str(getattr(vision, "model_type", ""))
