@@ -2,6 +2,7 @@
 
     python -m mmrope.encodings.plot --rope mrope --out layout.png [--hparams temporal_stride=1.0 ...]
         [--head-dim 128] [--rope-theta 1e6] [--max-distance 4096]
+    python -m mmrope.encodings.plot --rope ilrope --compare text_axes=diagonal text_axes=temporal --out cmp.png
 
 The figure has three panels:
 1. Position layout of an example sequence (text, an image 1x8x8 -> 4x4 tokens, text, a 2-frame video of 4x4
@@ -33,7 +34,15 @@ from torch import Tensor
 
 from .frequencies import LearnedGrapeRotary, Rotary
 
-__all__ = ["DecayCurves", "ExampleSequence", "decay_curves", "example_sequence", "main", "plot_encoding"]
+__all__ = [
+    "DecayCurves",
+    "ExampleSequence",
+    "decay_curves",
+    "example_sequence",
+    "main",
+    "plot_encoding",
+    "plot_layouts",
+]
 
 AXES = ("t", "h", "w")
 AXIS_COLORS = {"t": "#d62728", "h": "#1f77b4", "w": "#2ca02c", "N": "#bbbbbb"}
@@ -161,6 +170,76 @@ def _format_hparams(hparams: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(hparams.items())) or "defaults"
 
 
+def _draw_layout(ax: Any, pos_3BL: Tensor, example: ExampleSequence, title: str = "") -> None:
+    """Panel: the t/h/w id of every token of the example, visual blocks shaded."""
+    from matplotlib.patches import Patch
+
+    pos = pos_3BL[:, 0].double()
+    index = torch.arange(pos.shape[-1])
+    shades = {"image": "#f2d7a6", "video": "#cfe3f7"}
+    for start, end, label in example.spans:
+        ax.axvspan(start - 0.5, end - 0.5, color=shades[label.split()[0]], alpha=0.7, lw=0)
+        ax.text(
+            (start + end - 1) / 2,
+            0.98,
+            label,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            fontsize=8,
+        )
+    for axis, (letter, offset, marker) in enumerate(zip(AXES, (-0.18, 0.0, 0.18), ("o", "s", "^"))):
+        ax.plot(
+            index + offset,
+            pos[axis],
+            marker=marker,
+            ms=3.5,
+            lw=0.9,
+            color=AXIS_COLORS[letter],
+            label=f"{letter} id",
+        )
+    ax.set_xlim(-1, pos.shape[-1])
+    ax.set_xlabel("token index (text unshaded; VS/VE/timestamps are text)")
+    ax.set_ylabel("position id")
+    ax.grid(alpha=0.3)
+    legend = [
+        *ax.get_legend_handles_labels()[0],
+        Patch(color=shades["image"], label="image block"),
+        Patch(color=shades["video"], label="video frame block"),
+    ]
+    ax.legend(handles=legend, loc="upper left", fontsize=8, ncol=5)
+    ax.set_title(title or "Position layout of an example sequence", fontsize=10, loc="left")
+
+
+def plot_layouts(name: str, variants: Sequence[dict[str, Any]], out: str | Path, *, dpi: int = 120) -> Path:
+    """One position-layout panel per hyperparameter set of encoding `name`, stacked on one y scale: how an
+    option moves the ids (e.g. ILRoPE `text_axes=diagonal` vs `text_axes=temporal`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import build
+
+    example = example_sequence()
+    fig, axes = plt.subplots(
+        len(variants), 1, figsize=(13, 3.4 * len(variants)), sharex=True, sharey=True, constrained_layout=True
+    )
+    axes = [axes] if len(variants) == 1 else list(axes)
+    for ax, hparams in zip(axes, variants):
+        encoding = build(name, **hparams)
+        pos_3BL, _ = encoding.position_ids(
+            example.input_ids_BL, image_grid_thw=example.image_grid_thw, video_grid_thw=example.video_grid_thw
+        )
+        _draw_layout(ax, pos_3BL, example, title=f"{name}: {_format_hparams(hparams)}")
+    fig.suptitle(f"{name}: position layout per option (same example sequence)", fontsize=12)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def plot_encoding(
     name: str,
     out: str | Path,
@@ -199,41 +278,7 @@ def plot_encoding(
     ax_pos, ax_alloc, ax_decay = (fig.add_subplot(grid[i]) for i in range(3))
 
     # 1. Position layout.
-    pos = pos_3BL[:, 0].double()
-    index = torch.arange(pos.shape[-1])
-    shades = {"image": "#f2d7a6", "video": "#cfe3f7"}
-    for start, end, label in example.spans:
-        ax_pos.axvspan(start - 0.5, end - 0.5, color=shades[label.split()[0]], alpha=0.7, lw=0)
-        ax_pos.text(
-            (start + end - 1) / 2,
-            0.98,
-            label,
-            transform=ax_pos.get_xaxis_transform(),
-            ha="center",
-            va="top",
-            fontsize=8,
-        )
-    for axis, (letter, offset, marker) in enumerate(zip(AXES, (-0.18, 0.0, 0.18), ("o", "s", "^"))):
-        ax_pos.plot(
-            index + offset,
-            pos[axis],
-            marker=marker,
-            ms=3.5,
-            lw=0.9,
-            color=AXIS_COLORS[letter],
-            label=f"{letter} id",
-        )
-    ax_pos.set_xlim(-1, pos.shape[-1])
-    ax_pos.set_xlabel("token index (text unshaded; VS/VE/timestamps are text)")
-    ax_pos.set_ylabel("position id")
-    ax_pos.grid(alpha=0.3)
-    legend = [
-        *ax_pos.get_legend_handles_labels()[0],
-        Patch(color=shades["image"], label="image block"),
-        Patch(color=shades["video"], label="video frame block"),
-    ]
-    ax_pos.legend(handles=legend, loc="lower right", fontsize=8, ncol=5)
-    ax_pos.set_title("Position layout of an example sequence", fontsize=10, loc="left")
+    _draw_layout(ax_pos, pos_3BL, example)
 
     # 2. Frequency allocation strip.
     if labels:
@@ -312,7 +357,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--rope-theta", type=float, default=1e6)
     parser.add_argument("--max-distance", type=int, default=4096)
     parser.add_argument("--dpi", type=int, default=120)
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="instead of the full figure, one layout panel per option set, e.g. text_axes=diagonal text_axes=temporal",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        base = _parse_hparams(args.hparams)
+        variants = [base | _parse_hparams(item.split(",")) for item in args.compare]
+        out = plot_layouts(args.rope, variants, args.out, dpi=args.dpi)
+        print(out)
+        return out
     out = plot_encoding(
         args.rope,
         args.out,

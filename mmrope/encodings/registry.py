@@ -155,6 +155,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "planes_per_block": _optional_positive_int,
     "rope_init": _flag,
     "learnable": _flag,
+    "text_axes": _choice("diagonal", "temporal"),
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,15 +259,20 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "ilrope",
             "interleaved",
-            {"mrope_section": [24, 20, 20], "temporal_stride": 1.0, "spatial_reset": True},
-            position_keys=("temporal_stride",),
+            {
+                "mrope_section": [24, 20, 20],
+                "temporal_stride": 1.0,
+                "spatial_reset": True,
+                "text_axes": "diagonal",
+            },
+            position_keys=("temporal_stride", "text_axes"),
             extra_check=_check_ilrope,
         ),
         Variant(
             "omnirope",
             "chunked",
-            {"mrope_section": [16, 24, 24], "temporal_stride": 1.0},
-            position_keys=("temporal_stride",),
+            {"mrope_section": [16, 24, 24], "temporal_stride": 1.0, "text_axes": "diagonal"},
+            position_keys=("temporal_stride", "text_axes"),
         ),
         Variant(
             # mrope_section is kept for API symmetry but ignored by the fixed TTHWHWHW meta pattern (spec 4.11 (b)).

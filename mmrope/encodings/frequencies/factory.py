@@ -72,6 +72,7 @@ _POSITION_KNOBS = frozenset(
         "position_scale",
         "fixed_temporal_scale",
         "frequency_layout",
+        "text_axes",
     }
 )
 _KNOWN = _POSITION_KNOBS.union(*ALLOCATION_KEYS.values())

@@ -78,6 +78,17 @@ class PositionDesign:
     grid_dtype: torch.dtype = torch.float32  # positions dtype on the grid path (spec 2.6)
     text_dtype: torch.dtype = torch.int64  # positions dtype on the text-only path (spec 2.2)
     is_1d = False
+    # Where text tokens sit: "diagonal" (spec 2.3: t = h = w = p) or "temporal" ((p, 0, 0): ILRoPE / OmniRoPE
+    # as their papers describe them, an option of those designs).
+    text_axes = "diagonal"
+
+    def text_run(self, cur: float, length: int) -> Tensor:
+        """Float32 positions [3, length] of a text run starting at `cur`: p = cur, cur + 1, ... on every row
+        ("diagonal"), or on the t row with h = w = 0 ("temporal")."""
+        run = torch.arange(length, dtype=torch.float32) + cur
+        if self.text_axes == "temporal":
+            return torch.stack([run, torch.zeros_like(run), torch.zeros_like(run)])
+        return run.expand(3, length)
 
     def deltas_dtype(self, layout: str) -> torch.dtype:
         return self.grid_dtype
@@ -261,12 +272,12 @@ def row_positions(
     for ed, blk in find_blocks(ids_n, tokens, cursor):
         text_len = ed - st
         if text_len:
-            pos_3n[:, st:ed] = torch.arange(text_len, dtype=torch.float32) + cur
+            pos_3n[:, st:ed] = design.text_run(cur, text_len)
         blk_pos_3N, cur = design.block(cur, text_len, blk, generator)
         pos_3n[:, ed : ed + blk.num_tokens] = blk_pos_3N
         st = ed + blk.num_tokens
     if st < n:
-        pos_3n[:, st:] = torch.arange(n - st, dtype=torch.float32) + cur
+        pos_3n[:, st:] = design.text_run(cur, n - st)
         cur = cur + (n - st)
     if n == 0:
         return pos_3n, -1.0
@@ -297,6 +308,9 @@ def text_only_positions(
         max_B1 = pos_BL.masked_fill(~valid_BL, -1).max(-1, keepdim=True).values
         deltas_B1 = max_B1 + 1 - length
     pos_3BL = pos_BL.unsqueeze(0).expand(3, num_rows, length).to(design.text_dtype).contiguous()
+    if design.text_axes == "temporal":  # (p, 0, 0); pads keep 1 on every row
+        pads_BL = torch.zeros_like(pos_BL, dtype=torch.bool) if attention_mask_BL is None else ~valid_BL
+        pos_3BL[1:] = pads_BL.to(design.text_dtype)
     return pos_3BL, deltas_B1.to(design.text_dtype)
 
 
@@ -390,7 +404,7 @@ def packed_positions(
     )
     for start, end in zip(bounds[:-1], bounds[1:]):
         if text_only:
-            pos_3L[:, start:end] = torch.arange(end - start, dtype=torch.float32)
+            pos_3L[:, start:end] = design.text_run(0.0, end - start)
         else:
             pos_3L[:, start:end], _ = row_positions(design, ids_L[start:end], cursor, tokens, generator)
     cursor.check_consumed()
@@ -398,7 +412,8 @@ def packed_positions(
 
 
 def decode_positions(design: PositionDesign, rope_deltas_B1: Tensor, cache_position: Tensor) -> Tensor:
-    """pos_3BN = cache_position + delta on all three axes (spec 2.5, the 4.57.1 convention).
+    """pos_3BN = cache_position + delta on all three axes (spec 2.5, the 4.57.1 convention); on the t axis only,
+    h = w = 0, for a design whose text is "temporal" (new tokens are text).
 
     `cache_position` is [N] (shared by the batch) or [B, N]. Integer designs truncate toward zero like their
     full-sequence positions, so decoded ids equal what a full forward over prompt + new tokens would assign;
@@ -409,4 +424,7 @@ def decode_positions(design: PositionDesign, rope_deltas_B1: Tensor, cache_posit
     # int64 for integer designs (truncating fractional mrope-family deltas) and after an integer text-only prompt
     integer = design.grid_dtype == torch.int64 or not rope_deltas_B1.is_floating_point()
     pos_BN = pos_BN.to(torch.int64) if integer else pos_BN.to(torch.float32)
-    return pos_BN.unsqueeze(0).expand(3, *pos_BN.shape).contiguous()
+    pos_3BN = pos_BN.unsqueeze(0).expand(3, *pos_BN.shape).contiguous()
+    if design.text_axes == "temporal":
+        pos_3BN[1:] = 0
+    return pos_3BN

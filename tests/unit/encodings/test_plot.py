@@ -118,6 +118,27 @@ def test_cli_renders_registry_encodings(tmp_path, name, hparams):
     assert out.stat().st_size > 8_000
 
 
+def test_cli_compares_text_axes(tmp_path):
+    """`--compare`: one layout panel per option set (the README's ILRoPE text_axes figure)."""
+    out = tmp_path / "cmp.png"
+    plot.main(
+        [
+            "--rope",
+            "ilrope",
+            "--out",
+            str(out),
+            "--dpi",
+            "40",
+            "--compare",
+            "text_axes=diagonal",
+            "text_axes=temporal",
+        ]
+    )
+    width, height = png_size(out)
+    assert (width, height) == (13 * 40, round(2 * 3.4 * 40))
+    assert out.stat().st_size > 8_000
+
+
 def test_encodings_do_not_import_matplotlib():
     code = (
         "import sys, mmrope.encodings, mmrope.encodings.frequencies; "

@@ -159,7 +159,7 @@ QWEN3_5_CASES = {
     "videorope": {"mrope_section": [2, 3, 3]},
     "hope": {"mrope_section": [2, 3, 3], "fixed_temporal_scale": 1.0},
     "circlerope": {"mrope_section": [2, 3, 3]},
-    "ilrope": {"mrope_section": [4, 2, 2]},
+    "ilrope": {"mrope_section": [4, 2, 2], "text_axes": "temporal"},
     "omnirope": {"mrope_section": [2, 3, 3]},
     "lumos": {},
     "grape": {"mrope_section": [2, 3, 3], "grape_mode": "mixed", "block_size": 4},
@@ -248,12 +248,17 @@ def _reference_greedy(model, enc, ids_BL, grid, mask_BL, steps, layout):
     return seq
 
 
-@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("family,rope", [(f, None) for f in NEW] + [("qwen3_5", "omnirope_temporal")])
 @torch.no_grad()
-def test_greedy_with_cache_equals_full_forwards(family):
-    """KV cache (and Qwen3.5's conv + recurrent state cache) with a left-padded batch of two prompts."""
+def test_greedy_with_cache_equals_full_forwards(family, rope):
+    """KV cache (and Qwen3.5's conv + recurrent state cache) with a left-padded batch of two prompts; also
+    OmniRoPE with temporal text, whose decoded tokens sit at (p, 0, 0)."""
     model = tiny_family(family, seed=1)
-    enc = stock_encoding(model)
+    enc = (
+        stock_encoding(model)
+        if rope is None
+        else build("omnirope", mrope_section=[2, 3, 3], text_axes="temporal")
+    )
     install(model, enc)
     layout = FAMILIES[family].layout
     (a, ga), _, (c, gc) = _packed_samples(family)
