@@ -102,3 +102,51 @@ def test_global_batch_must_divide():
     cfg = validate(compose_cfg(["trainer.global_batch_size=3"]))
     with pytest.raises(ValueError, match="trainer.global_batch_size"):
         cfg.grad_accum_steps(world_size=2)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model.family=qwen3_5", "rope=mhrope"], "rope.hparams.num_key_value_heads"),  # 1 KV head, mhrope 8
+        (["rope=ilrope", "rope.hparams.text_axes=spatial"], "rope.hparams.text_axes"),
+        (["rope=mrope", "+rope.hparams.text_axes=temporal"], "rope.hparams"),  # not an mrope hyperparameter
+        (
+            ["rope=mrope", "rope.hparams.mrope_section=[16,24,8]"],
+            "rope.hparams.mrope_section",
+        ),  # 48 != 64 pairs
+        (["model.family=qwen9"], "model.family"),
+    ],
+)
+def test_encoding_that_does_not_fit_the_model_names_its_key(overrides, key):
+    with pytest.raises(ValueError, match=f"`{key}`"):
+        validate(compose_cfg(overrides))
+
+
+def test_real_qwen3_5_geometry_is_read_from_the_checkpoint_config(tmp_path):
+    """A Qwen3.5 checkpoint rotates head_dim 256 x 0.25 = 32 pairs: the shipped chunked mrope ([16, 24, 24]) is
+    refused before anything is loaded, naming the key and a fitting section; mrope_i and a fitted mrope pass."""
+    from transformers import Qwen3_5Config
+
+    Qwen3_5Config(
+        text_config={"head_dim": 256, "rope_parameters": {"rope_type": "default", "rope_theta": 1e7}}
+    ).save_pretrained(tmp_path)
+    base = ["model=qwen3_5", f"model.path={tmp_path}"]
+    with pytest.raises(ValueError, match=r"`rope\.hparams\.mrope_section`.*32 pairs.*\[8, 12, 12\]"):
+        validate(compose_cfg([*base, "rope=mrope"]))
+    validate(compose_cfg([*base, "rope=mrope_i"]))
+    validate(compose_cfg([*base, "rope=mrope", "rope.hparams.mrope_section=[8,12,12]"]))
+    with pytest.raises(ValueError, match="`model.family`"):
+        validate(
+            compose_cfg(
+                ["model=composed", "model.family=qwen3_5", "model.vision_path=/v", "model.llm_path=/l"]
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
+)
+def test_every_family_takes_the_tiny_model_and_its_layout(family):
+    cfg = validate(compose_cfg([f"model.family={family}", "rope=mrope_i"]))
+    expected = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2_5"}.get(family, "qwen3")
+    assert cfg.model.family == family and cfg.rope_layout() == expected
