@@ -58,7 +58,8 @@ class VLProcessor:
 
     def token_id(self, token: str) -> int:
         tid = self.tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == self.tokenizer.unk_token_id:
+        # (Qwen3.5's tokenizer class makes <|endoftext|> its unk token: that token itself is present)
+        if tid is None or (tid == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
             raise ValueError(f"tokenizer has no special token {token!r}; a Qwen-VL tokenizer is required")
         return int(tid)
 
@@ -85,7 +86,20 @@ def load_processor(
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"processor path {str(path)!r} is not a local directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    config_file = path / "tokenizer_config.json"
+    tokenizer_class = (
+        json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    )
+    if (
+        tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast")
+        and (path / "tokenizer.json").is_file()
+    ):
+        # A tokenizer saved as a plain tokenizers file (the locally built tiny one) loads as exactly that file:
+        # next to a config.json, AutoTokenizer would pick the model type's class (e.g. Qwen3_5Tokenizer), which
+        # replaces the file's pre-tokenizer with its own and so changes the ids.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     kwargs = {}
     if min_pixels is not None and max_pixels is not None:
         kwargs["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
