@@ -242,3 +242,63 @@ def test_shapes_from_flat_qwen2_5_vl_7b_numbers():
     assert vit.window_size == 112 and vit.fullatt_block_indexes == (7, 15, 23, 31) and vit.gated_mlp
     decoder_params = llm_flops_breakdown(llm, [1], 0, trainable=False)["llm"] / 2
     assert 6.4e9 < decoder_params < 6.6e9
+
+
+def test_moe_and_delta_net_hand_count():
+    """Qwen3.5-MoE-like: 1 gated-attention + 1 delta-net layer, MoE (4 experts, top-2, shared expert) in both."""
+    shape = LLMShape(
+        num_layers=2,
+        hidden=8,
+        intermediate=0,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        vocab=10,
+        attn_output_gate=True,
+        num_linear_layers=1,
+        linear_num_k_heads=1,
+        linear_num_v_heads=2,
+        linear_head_k_dim=2,
+        linear_head_v_dim=3,
+        num_moe_layers=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate=5,
+        shared_expert_intermediate=6,
+    )
+    # attention layer: q_proj (+gate) 2*8*8*2 = 256, k/v 2*2*8*4 = 128, o 2*8*8 = 128 -> 512
+    # delta-net layer (key dim 2, value dim 6): qkv 2*8*10 = 160, z 2*8*6 = 96, b/a 2*2*8*2 = 64, out 2*6*8 = 96,
+    #   delta rule 3*2 * 2 heads * 2 * 3 = 72 -> 488
+    # MoE per layer: router 2*8*4 = 64, 2 experts 2*3*2*8*5 = 480, shared 3*2*8*6 + gate 2*8 = 304 -> 848, x2 = 1696
+    # per token 512 + 488 + 1696 = 2696; 8 tokens -> 21568. Attention only in 1 layer: 2*2*(9/2 + 25/2)*8 = 544.
+    parts = llm_flops_breakdown(shape, [3, 5], num_supervised_tokens=4, trainable=False)
+    assert parts == {"llm": 21568, "attention": 544, "lm_head": 640}
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen2_vl"])
+def test_llm_flops_match_the_built_models_active_weights(family):
+    """Forward FLOPs per token / 2 = the matmul weights a token meets in the real transformers model: every 2-D
+    decoder weight, MoE experts at top-k of num_experts (active, not total), plus the delta rule's state term."""
+    from mmrope.model.families import FAMILIES, tiny_config
+    from mmrope.train.config import TinyModelConfig
+
+    ids = dict.fromkeys(
+        ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 1
+    )
+    config = tiny_config(
+        family, TinyModelConfig(), vocab_size=64, special_ids=ids | {"pad_token_id": 0, "eos_token_id": 0}
+    )
+    model = FAMILIES[family].model_class(config)
+    llm, _ = shapes_from_hf_config(config)
+    text = config.text_config
+    active = 0.0
+    for name, p in model.model.language_model.layers.named_parameters():
+        if "experts" in name and "shared_expert" not in name:
+            active += p.numel() * text.num_experts_per_tok / text.num_experts
+        elif p.ndim >= 2 and "conv1d" not in name:
+            active += p.numel()
+    delta_rule = (
+        llm.num_linear_layers * 3 * 2 * llm.linear_num_v_heads * llm.linear_head_k_dim * llm.linear_head_v_dim
+    )
+    per_token = llm_flops_breakdown(llm, [1], 0, trainable=False)["llm"]
+    assert per_token == 2 * active + delta_rule
