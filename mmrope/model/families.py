@@ -254,9 +254,9 @@ def suggested_sections(num_pairs: int, interleaved: bool = False) -> list[int]:
 def check_encoding(encoding: Any, geometry: TextGeometry) -> None:
     """Raise `EncodingMisfit` when `encoding` (an `mmrope.encodings.Encoding`) cannot run on a text model with
     this attention geometry: MHRoPE's KV heads differ from the model's, chunked sections do not cover the rotary
-    pairs (head_dim x partial_rotary_factor / 2: 32 on real Qwen3.5), or anything the rotary module rejects
-    (GRAPE's block sizes, ...). Interleaved and VideoRoPE sections are not checked, like transformers' own
-    interleaved MRoPE (larger sections are truncated by the rule)."""
+    pairs (head_dim x partial_rotary_factor / 2: 32 on real Qwen3.5; VideoRoPE/HoPE sections too), or anything the
+    rotary module rejects (GRAPE's block sizes, ...). Interleaved sections are not checked, like transformers' own
+    interleaved MRoPE (larger sections are truncated by the rule: [24, 20, 20] acts as [11, 11, 10] at 32 pairs)."""
     hp = encoding.hparams
     num_pairs = geometry.num_rotary_pairs
     where = (
@@ -269,16 +269,18 @@ def check_encoding(encoding: Any, geometry: TextGeometry) -> None:
             f"mhrope assigns whole KV heads to t/h/w and was set for {hp['num_key_value_heads']} KV heads, but the "
             f"model has {geometry.num_key_value_heads} (mrope_section must then sum to at most that)",
         )
-    chunked = encoding.allocation == "chunked" or (
+    # Allocations whose sections partition the pairs: chunked (mrope, circlerope, omnirope, canonical chunked GRAPE)
+    # and VideoRoPE/HoPE (whose layout rule with larger sections would leave t a single pair).
+    partition = encoding.allocation in ("chunked", "videorope", "hope") or (
         encoding.name == "grape"
         and hp["grape_mode"] == "canonical"
         and hp["frequency_allocation"] == "chunked"
     )
-    if chunked and sum(hp["mrope_section"]) != num_pairs:
+    if partition and sum(hp["mrope_section"]) != num_pairs:
         raise EncodingMisfit(
             "mrope_section",
-            f"{list(hp['mrope_section'])} gives the chunked allocation {sum(hp['mrope_section'])} pairs but {where}; "
-            f"e.g. {suggested_sections(num_pairs)}",
+            f"{list(hp['mrope_section'])} gives the {encoding.allocation} allocation {sum(hp['mrope_section'])} "
+            f"pairs but {where}; e.g. {suggested_sections(num_pairs)}",
         )
     try:
         encoding.rotary(

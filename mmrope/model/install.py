@@ -4,13 +4,20 @@
     install(model, build_encoding("mrope_i"), attn_backend="auto", dipe=False)
     out = model.model(input_ids=ids_BL, position_ids=pos_3BL, **seam_kwargs(cu_seqlens=cu_seqlens))
 
+Families (`mmrope.model.families`): Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE. Installing a
+family's own encoding (mrope / mrope_i with the checkpoint's sections) reproduces the stock logits.
+
 Module composition, no monkey-patching of transformers functions:
 - `language_model.rotary_emb` becomes `MMRopeRotaryEmbedding`, which holds the encoding's `Rotary` ONCE (GRAPE's
   learned planes live there) and turns the 3-row `position_ids` into `(cos, sin)` tables, or passes the positions
   through for GRAPE's learned modes (they rotate q/k directly, there is no table);
 - every text decoder layer's `self_attn` becomes `MMRopeAttention`, which REUSES the original q/k/v/o projections
   (and Qwen3-VL's q_norm/k_norm) under the same attribute names, so `state_dict` keys stay stock. It rotates q/k
-  itself, puts ROTATED keys in the KV cache and calls `mmrope.attention.packed_attention` / `dipe_attention`;
+  itself (the first rotary_dim channels: Qwen3.5's partial rotary), applies Qwen3.5's sigmoid output gate, puts
+  ROTATED keys in the KV cache and calls `mmrope.attention.packed_attention` / `dipe_attention`;
+- every Qwen3.5 gated delta-net layer's `linear_attn` becomes `PackedLinearAttention`, which shares the stock
+  layer's parameters and modules (same keys) and restarts its causal conv and recurrent state at every packed
+  sample boundary (transformers' own boundary kwargs only work with optional CUDA kernels; see the class);
 - the text config's `_attn_implementation` becomes "mmrope", registered in transformers' `AttentionInterface`.
   It is not a mask implementation, so `masking_utils` returns `None` instead of building O(L^2) masks; the
   registered function itself raises (being called means a layer was not installed).

@@ -314,7 +314,7 @@ def test_chunked_sections_must_cover_qwen3_5_partial_rotary():
         Qwen3_5TextConfig(head_dim=256, rope_parameters={"rope_type": "default", "rope_theta": 1e7})
     )
     assert geometry.num_rotary_pairs == 32
-    for name in ("mrope", "omnirope", "circlerope", "grape"):
+    for name in ("mrope", "omnirope", "circlerope", "grape", "videorope", "hope"):
         with pytest.raises(EncodingMisfit, match=r"mrope_section.*e\.g\. \[8, 12, 12\]") as err:
             check_encoding(build(name), geometry)
         assert err.value.hparam == "mrope_section"
