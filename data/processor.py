@@ -19,6 +19,8 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from mmrope.model.config import ModelConfig
+
 # The Qwen2-VL family's special tokens (same strings as the real vocabulary; ids differ in the tiny tokenizer).
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
@@ -93,6 +95,27 @@ def load_processor(
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     return VLProcessor(tokenizer=tokenizer, image_processor=image_processor)
+
+
+def processor_for(
+    model: ModelConfig, *, cache_dir: str | os.PathLike, min_pixels: int, max_pixels: int
+) -> VLProcessor:
+    """The processor a model config trains with: the locally built tiny one (under `cache_dir`), or the one
+    of the checkpoint (`model.tokenizer_path`, else the VLM checkpoint's)."""
+    if model.kind == "tiny" and not model.tokenizer_path:
+        from data.synthetic import corpus
+
+        return build_tiny_processor(
+            Path(cache_dir) / "tiny_processor",
+            corpus(),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            patch_size=model.tiny.patch_size,
+            merge_size=model.tiny.spatial_merge_size,
+            temporal_patch_size=model.tiny.temporal_patch_size,
+        )
+    path = model.tokenizer_path or (model.path if model.kind == "pretrained" else model.vision_path)
+    return load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def build_tiny_processor(

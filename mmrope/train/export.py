@@ -60,9 +60,8 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+    from data.processor import processor_for
     from mmrope.model.build import build_model
-    from mmrope.train.engine import Dist
-    from mmrope.train.run import make_processor
 
     if dtype not in DTYPES:
         raise ValueError(f"argument `--dtype`: {dtype!r} is not one of {sorted(DTYPES)}")
@@ -72,7 +71,10 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    processor = make_processor(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    d = cfg.data
+    processor = processor_for(
+        cfg.model, cache_dir=d.cache_dir, min_pixels=d.min_pixels, max_pixels=d.max_pixels
+    )
     # The base model: architecture + config, and the source of any parameter the shards do not hold.
     model = build_model(
         cfg.model,

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from data.loader import PackedRowStream, ResumableLoader
 from data.processing import SampleProcessor
-from data.processor import VLProcessor, build_tiny_processor, load_processor
-from data.synthetic import corpus, write_synthetic_shards
+from data.processor import VLProcessor, processor_for
+from data.synthetic import write_synthetic_shards
 from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
 from mmrope.model.freeze import apply_freeze
@@ -53,22 +53,13 @@ def _rank0_first(d: Dist, fn):
 
 
 def make_processor(cfg: TrainConfig, d: Dist) -> VLProcessor:
-    m, data = cfg.model, cfg.data
-    if m.kind == "tiny" and not m.tokenizer_path:
-        return _rank0_first(
-            d,
-            lambda: build_tiny_processor(
-                Path(data.cache_dir) / "tiny_processor",
-                corpus(),
-                min_pixels=data.min_pixels,
-                max_pixels=data.max_pixels,
-                patch_size=m.tiny.patch_size,
-                merge_size=m.tiny.spatial_merge_size,
-                temporal_patch_size=m.tiny.temporal_patch_size,
-            ),
-        )
-    path = m.tokenizer_path or (m.path if m.kind == "pretrained" else m.vision_path)
-    return load_processor(path, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    data = cfg.data
+    return _rank0_first(
+        d,
+        lambda: processor_for(
+            cfg.model, cache_dir=data.cache_dir, min_pixels=data.min_pixels, max_pixels=data.max_pixels
+        ),
+    )
 
 
 def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:

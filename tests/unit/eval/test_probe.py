@@ -197,7 +197,7 @@ def test_probe_cli_on_exported_dirs(tmp_path, tiny_processor, synthetic_shards):
 
     from mmrope.eval.probe import main
     from mmrope.model.build import build_model
-    from mmrope.train.config import ModelConfig
+    from mmrope.model.config import ModelConfig
 
     model = build_model(
         ModelConfig(),

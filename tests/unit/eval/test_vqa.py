@@ -198,7 +198,7 @@ def _export_tiny(
     `always` and `always` to <|im_end|> (random 128-d embeddings are nearly orthogonal, so those rows win).
     """
     from mmrope.model.build import build_model
-    from mmrope.train.config import ModelConfig, TinyModelConfig
+    from mmrope.model.config import ModelConfig, TinyModelConfig
 
     # One head of head_dim 128, like real Qwen-VL: every shipped rope config fits.
     tiny = TinyModelConfig(
