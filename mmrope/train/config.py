@@ -9,6 +9,7 @@ divide, an unknown encoding) surface before any model or data is touched, with t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,11 +255,17 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if not isinstance(obj, TrainConfig):  # composed without the schema (e.g. a plain OmegaConf.load)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
     assert isinstance(obj, TrainConfig)
-    if obj.trainer.optim.warmup_steps > obj.trainer.max_steps:
-        raise ValueError(
-            f"config key `trainer.optim.warmup_steps`: {obj.trainer.optim.warmup_steps} exceeds "
-            f"trainer.max_steps={obj.trainer.max_steps}"
-        )
+    optim, max_steps = obj.trainer.optim, obj.trainer.max_steps
+    if optim.warmup_steps > max_steps:
+        # A short run (a smoke test, `trainer.max_steps=2`) with the default warmup: warm up over the whole
+        # run instead of refusing it, and say so.
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"note: trainer.optim.warmup_steps={optim.warmup_steps} > trainer.max_steps={max_steps}: "
+                f"warmup clamped to {max_steps} steps",
+                flush=True,
+            )
+        optim.warmup_steps = max_steps
     if not math.isfinite(obj.trainer.optim.lr):
         raise ValueError("config key `trainer.optim.lr`: must be finite")
     return obj

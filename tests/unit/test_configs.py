@@ -97,3 +97,14 @@ def test_global_batch_must_divide():
     cfg = validate(compose_cfg(["trainer.global_batch_size=3"]))
     with pytest.raises(ValueError, match="trainer.global_batch_size"):
         cfg.grad_accum_steps(world_size=2)
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
+    cfg = validate(compose_cfg(["trainer.max_steps=2"]))  # the default warmup is longer than 2 steps
+    assert OmegaConf.load(CONFIGS / "trainer" / "default.yaml").optim.warmup_steps > 2
+    assert cfg.trainer.optim.warmup_steps == 2
+    out = capsys.readouterr().out
+    assert "trainer.optim.warmup_steps" in out and "clamped to 2" in out
+    # a warmup that fits is left alone, silently
+    cfg = validate(compose_cfg(["trainer.max_steps=50", "trainer.optim.warmup_steps=5"]))
+    assert cfg.trainer.optim.warmup_steps == 5 and "clamped" not in capsys.readouterr().out
