@@ -22,14 +22,16 @@ from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
-from mmrope.train.config import TrainConfig
+from mmrope.train.config import OptimConfig, TrainConfig
 from mmrope.train.engine import Dist, build_engine, init_distributed
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
 from mmrope.train.throughput import Throughput
 
 
-def flatten(cfg: TrainConfig) -> dict:
+def flatten(cfg: TrainConfig | dict) -> dict:
+    """`{"trainer.optim.lr": 0.002, ...}` from a config (or its nested dict, as saved in a manifest)."""
+
     def walk(node, prefix=""):
         for k, v in node.items():
             key = f"{prefix}{k}"
@@ -38,7 +40,56 @@ def flatten(cfg: TrainConfig) -> dict:
             else:
                 yield key, v
 
-    return dict(walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)))
+    nested = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dict(walk(nested))
+
+
+# How a run is resumed, not what it trains: never reported as a change.
+NOT_HYPERPARAMETERS = ("trainer.resume",)
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """`changed: key old -> new` for every setting of the current config that differs from the checkpoint's."""
+    return [
+        f"changed: {key} {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+        for key in sorted(set(saved) | set(current))
+        if key not in NOT_HYPERPARAMETERS and saved.get(key) != current.get(key)
+    ]
+
+
+def refuse_to_reuse(run_dir: Path, ckpt: CheckpointManager) -> None:
+    """trainer.resume=never starts a NEW run: refuse a folder that already holds one (its checkpoints and its
+    metrics would be overwritten or mixed with the new run's)."""
+    held = []
+    if latest := ckpt.latest():
+        held.append(f"committed checkpoints up to {latest.name}")
+    log = run_dir / "metrics.jsonl"
+    if log.is_file() and log.stat().st_size > 0:
+        held.append("a metrics.jsonl")
+    if held:
+        raise ValueError(
+            f"config key `trainer.run_name`: {run_dir} already holds a run ({' and '.join(held)}); "
+            "trainer.resume=never starts a new run and never overwrites one: choose a new trainer.run_name "
+            "(or continue this run with trainer.resume=auto)"
+        )
+
+
+def apply_optim_config(engine, optim: OptimConfig) -> None:
+    """Make the optimizer follow the current config after a checkpoint load.
+
+    Loading restores the saved param-group settings (lr, betas, eps, weight decay) and the schedule's base LR;
+    the moments, step counts and the schedule's position are what resuming is for and stay. Warmup, max_steps
+    and min_lr already come from the current config (the schedule's function is rebuilt from it).
+    """
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    for group, decay in zip(groups, (optim.weight_decay, 0.0)):  # param_groups(): [decay, no decay]
+        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay)
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _rank0_first(d: Dist, fn):
@@ -105,6 +156,11 @@ def build_session(cfg: TrainConfig) -> Session:
     seed_everything(cfg.trainer.seed, d.rank)
     run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
     flat = flatten(cfg)
+    ckpt = CheckpointManager(
+        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
+    )
+    if cfg.trainer.resume == "never":
+        refuse_to_reuse(run_dir, ckpt)
 
     processor = make_processor(cfg, d)
     encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
@@ -122,18 +178,18 @@ def build_session(cfg: TrainConfig) -> Session:
     objective = SFTObjective(model, zero_stage=cfg.deepspeed.stage, balance_vision=d.world_size > 1)
     engine, _, _ = build_engine(objective, cfg, d.world_size)
 
-    ckpt = CheckpointManager(
-        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
-    )
     fingerprint = config_fingerprint(flat)
-    start_step, rank_state = 0, {}
+    start_step, rank_state, changes = 0, {}, []
     latest = ckpt.latest()
     if cfg.trainer.resume == "must" and latest is None:
         raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
-    if latest is not None and cfg.trainer.resume != "never":
-        ckpt.check_compatible(latest, fingerprint)
+    if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
+        manifest = ckpt.check_compatible(latest, fingerprint)
         rank_state = ckpt.load(engine, latest)
         start_step = rank_state["step"]
+        changes = changed_settings(flatten(manifest.get("train_config", {})), flat)
+        if any(c.startswith("changed: trainer.optim.") for c in changes):
+            apply_optim_config(engine, cfg.trainer.optim)
 
     sample_processor = SampleProcessor(
         processor,
@@ -171,6 +227,8 @@ def build_session(cfg: TrainConfig) -> Session:
     )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    for change in changes:  # resumed with other settings than the checkpoint's: say which, they apply now
+        metrics.print(change)
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
     trainer.tokens_seen = rank_state.get("tokens_seen", 0)
     trainer.throughput = Throughput(
