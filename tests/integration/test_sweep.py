@@ -18,43 +18,49 @@ import yaml
 
 from mmrope.train.report import main as report_main
 from mmrope.train.report import write_report
-from tests.conftest import ROOT, clean_env, tiny_overrides
+from tests.conftest import ROOT, clean_env
+from tests.readme import readme_commands
 
 ENCODINGS = ("mrope", "mrope_i", "vanilla")
 STEPS = 3
-SWEEP = "enc_sweep"
+SWEEP = "rope_sweep"
+# The README's sweep command, verbatim (one after another, here), plus what makes it fast and points it at the
+# session's data cache. The appended overrides also make every run name hold several `key=value` pairs.
+(README_SWEEP,) = [
+    c for c in readme_commands("python", "train.py", "-m") if not any("launcher" in a for a in c)
+]
+FAST = [
+    "data.synthetic.num_samples=200",
+    "data.synthetic.samples_per_shard=100",
+    "data.max_tokens=512",
+    "data.num_workers=0",
+    f"trainer.max_steps={STEPS}",
+    "trainer.log_every=1",
+]
 
 
 def metrics(job_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def run_readme_command(argv: list[str], cwd: Path, *extra: str, timeout: int = 600) -> str:
+    """A README command as a user runs it from `cwd` (`python` is this interpreter, scripts are the repo's)."""
+    assert argv[0] == "python"
+    script = [str(ROOT / argv[1])] if argv[1].endswith(".py") else argv[1:2]
+    cmd = [sys.executable, *script, *argv[2:], *extra]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=clean_env(WANDB_MODE="offline"), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{cmd}\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory, cache_dir) -> Path:
-    out = tmp_path_factory.mktemp("sweep") / "runs"
-    # In a multirun the sweep folder is the place to choose (hydra.sweep.dir); every job sets its own
-    # trainer.output_dir from it, so trainer.output_dir is not passed on the command line.
-    base = [o for o in tiny_overrides(cache_dir, out) if not o.startswith("trainer.output_dir=")]
-    overrides = [
-        *base,
-        f"hydra.sweep.dir={out}/sweeps/{SWEEP}",
-        f"trainer.max_steps={STEPS}",
-        "trainer.log_every=1",
-        "trainer.save_every=100",
-        f"rope={','.join(ENCODINGS)}",
-        f"hydra.job.name={SWEEP}",
-    ]
-    env = clean_env(WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out / "sweeps" / SWEEP
+    cwd = tmp_path_factory.mktemp("sweep")
+    assert f"rope={','.join(ENCODINGS)}" in README_SWEEP and f"hydra.job.name={SWEEP}" in README_SWEEP
+    run_readme_command(README_SWEEP, cwd, f"data.cache_dir={cache_dir}", *FAST)  # wandb offline
+    return cwd / "runs" / "sweeps" / SWEEP
 
 
 @pytest.mark.slow
@@ -73,6 +79,9 @@ def test_each_run_has_its_own_named_folder_and_run_name(sweep_dir):
         assert (job_dir / "checkpoints" / f"step_{STEPS}").is_dir()
         overrides = yaml.safe_load((job_dir / ".hydra/overrides.yaml").read_text())
         assert f"trainer.wandb.group={SWEEP}" in overrides  # wandb groups the runs by sweep
+        # wandb ran (offline, as users run it) under an id it accepts, one run per job folder
+        (wandb_run,) = (job_dir / "wandb").glob("offline-run-*")
+        assert "," not in wandb_run.name and "=" not in wandb_run.name
     # nothing outside the sweep folder (no runs/tiny-default, no runs/<override_dirname>)
     assert sorted(p.name for p in sweep_dir.parent.parent.iterdir()) == ["sweeps"]
 
@@ -121,6 +130,32 @@ def test_report_table_and_plot(sweep_dir, tmp_path, capsys):
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[0] > 200 and pixels.shape[1] > 300
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.slow
+def test_readme_parallel_sweep_on_a_fresh_machine(tmp_path):
+    """The README's parallel sweep (submitit, local processes), verbatim from a fresh folder: its runs start at
+    once and all generate the data cache (.cache) on first use."""
+    (command,) = [c for c in readme_commands("python", "train.py", "-m") if "hydra/launcher=local" in c]
+    run_readme_command(command, tmp_path, *FAST)
+    job_dirs = sorted(p.parent for p in (tmp_path / "runs" / "sweeps" / SWEEP).glob("*/metrics.jsonl"))
+    assert [next(p for p in d.name.split(",") if p.startswith("rope=")) for d in job_dirs] == [
+        f"rope={e}" for e in sorted(ENCODINGS)
+    ]
+    per_run = [[(r["step"], r["train/tokens"], r["train/samples"]) for r in metrics(d)] for d in job_dirs]
+    assert [s for s, _, _ in per_run[0]] == list(range(1, STEPS + 1))
+    assert all(p == per_run[0] for p in per_run), per_run  # one data set, seen alike by every run
+    assert (tmp_path / ".cache" / "synthetic" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_report_command(sweep_dir):
+    (command,) = readme_commands("python", "-m", "mmrope.train.report")
+    out = run_readme_command(command, cwd=sweep_dir.parents[2])
+    report = sweep_dir / "report"
+    assert f"wrote {Path('runs/sweeps') / SWEEP / 'report' / 'report.md'}" in out
+    assert len([r for r in (report / "report.md").read_text().splitlines() if r.startswith("| `")]) == 3
+    assert (report / "loss.png").stat().st_size > 1000
 
 
 def _fake_run(sweep: Path, name: str, overrides: list[str], records: list[dict], dipe: bool = False) -> None:
