@@ -188,7 +188,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto | must | never
     optim: OptimConfig = field(default_factory=OptimConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+    # Per-device peak TFLOP/s for MFU; None = detected for known GPUs (H100, H200, A100: dense bf16), else
+    # MFU is "n/a" (a CPU has no meaningful tensor-core peak).
+    peak_tflops: float | None = None
     on_nonfinite: str = "raise"  # raise | skip: what a step with a non-finite loss or grad norm does
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: abort once more steps than this were skipped
     requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
@@ -210,6 +212,11 @@ class TrainerConfig:
         )
         _one_of(self.precision, PRECISIONS, "trainer.precision")
         _one_of(self.resume, RESUME_MODES, "trainer.resume")
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "trainer.peak_tflops",
+            f"must be > 0 (TFLOP/s per device) or null (detect), got {self.peak_tflops}",
+        )
         _require(self.save_every > 0, "trainer.save_every", "must be > 0")
         _require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         _one_of(self.on_nonfinite, NONFINITE_POLICIES, "trainer.on_nonfinite")

@@ -26,7 +26,7 @@ from mmrope.train.config import OptimConfig, TrainConfig
 from mmrope.train.engine import Dist, build_engine, init_distributed
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
-from mmrope.train.throughput import Throughput
+from mmrope.train.throughput import Throughput, detect_peak_tflops, device_name
 
 
 def flatten(cfg: TrainConfig | dict) -> dict:
@@ -231,8 +231,15 @@ def build_session(cfg: TrainConfig) -> Session:
         metrics.print(change)
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
     trainer.tokens_seen = rank_state.get("tokens_seen", 0)
+    peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
+    metrics.print(
+        f"MFU against {peak_tflops:g} TFLOP/s per device"
+        + (" (trainer.peak_tflops)" if cfg.trainer.peak_tflops else f" ({device_name(d.device)})")
+        if peak_tflops
+        else f"MFU: n/a (no known peak TFLOP/s for {device_name(d.device)}; set trainer.peak_tflops)"
+    )
     trainer.throughput = Throughput(
-        model.config, peak_tflops=cfg.trainer.peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
+        model.config, peak_tflops=peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
     )
     trainer.nonfinite_skips = rank_state.get("nonfinite_skips", 0)
     if cfg.trainer.eval.every > 0:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmrope.train.report import main as report_main
@@ -116,6 +117,8 @@ def test_report_table_and_plot(sweep_dir, tmp_path, capsys):
         assert float(cells[3]) == pytest.approx(records[-1]["train/loss"], abs=5e-5)
         assert float(cells[4]) == pytest.approx(min(r["train/loss"] for r in records), abs=5e-5)
         # perf/* columns: a parsed number where the trainer logs the metric, "n/a" where it does not
+        if not torch.cuda.is_available():
+            assert cells[6] == "n/a"  # no known peak TFLOP/s on a CPU: no MFU (it used to say 0.0%)
         for cell, key in zip(cells[5:], ("perf/tokens_per_s", "perf/mfu", "perf/peak_mem_gb")):
             if key in records[-1]:
                 assert re.fullmatch(r"[\d,]+(\.\d+)?%?", cell), (key, cell)

@@ -108,3 +108,10 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
     # a warmup that fits is left alone, silently
     cfg = validate(compose_cfg(["trainer.max_steps=50", "trainer.optim.warmup_steps=5"]))
     assert cfg.trainer.optim.warmup_steps == 5 and "clamped" not in capsys.readouterr().out
+
+
+def test_peak_tflops_is_detected_by_default_and_settable():
+    assert validate(compose_cfg([])).trainer.peak_tflops is None  # detect (H100, H200, A100), else MFU n/a
+    assert validate(compose_cfg(["trainer.peak_tflops=400"])).trainer.peak_tflops == 400
+    with pytest.raises(ValueError, match="`trainer.peak_tflops`"):
+        validate(compose_cfg(["trainer.peak_tflops=0"]))
