@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -181,3 +183,13 @@ def test_nonfinite_skip_drops_the_update_and_counts(tmp_path, cache_dir):
         s.trainer.train_step()
     assert s.trainer.nonfinite_skips == 2
     s.metrics.close()
+
+
+def test_training_logs_its_first_step(tmp_path, cache_dir):
+    """Loss curves start at step 1, whatever trainer.log_every says (the last step is logged too)."""
+    s = session(cache_dir, tmp_path, "trainer.run_name=first", "trainer.max_steps=3", "trainer.log_every=10")
+    s.trainer.train()
+    s.metrics.close()
+    records = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 3]
+    assert all("train/loss" in r for r in records)

@@ -199,3 +199,41 @@ def test_report_uses_perf_metrics_dedupes_resumed_steps_and_marks_missing(tmp_pa
 def test_report_refuses_a_folder_without_runs(tmp_path):
     with pytest.raises(ValueError, match="sweep_dir"):
         write_report(tmp_path, tmp_path / "out")
+
+
+def _run_with(sweep: Path, folder: str, overrides: list[str], rope: dict, losses: list[float]) -> None:
+    job = sweep / folder
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra/config.yaml").write_text(yaml.safe_dump({"rope": rope}))
+    records = [{"step": i + 1, "train/loss": v} for i, v in enumerate(losses)]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_loss_plot_legends_name_the_encoding_and_can_use_a_log_scale(tmp_path):
+    from mmrope.train.report import load_sweep, loss_figure
+
+    # A DIPE sweep on one encoding: only `rope.dipe` differs, the legend must still say which encoding.
+    dipe = tmp_path / "dipe"
+    _run_with(dipe, "rope.dipe=false", ["rope.dipe=false"], {"name": "mrope", "dipe": False}, [5.0, 2.0])
+    _run_with(dipe, "rope.dipe=true", ["rope.dipe=true"], {"name": "mrope", "dipe": True}, [5.0, 1.0])
+    fig = loss_figure(load_sweep(dipe), "dipe", log_y=True)
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["mrope", "mrope + DIPE"]
+    assert ax.get_yscale() == "log"
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines()) == [1, 1]  # curves start at step 1
+
+    # Two encodings x two learning rates: encoding first, then the override that tells the runs apart.
+    grid = tmp_path / "grid"
+    for enc in ("mrope", "vanilla"):
+        for lr in ("0.001", "0.002"):
+            over = [f"rope={enc}", f"trainer.optim.lr={lr}"]
+            _run_with(grid, ",".join(over), over, {"name": enc, "dipe": False}, [3.0])
+    legend = sorted(r.legend for r in load_sweep(grid))
+    assert legend == [
+        "mrope (trainer.optim.lr=0.001)",
+        "mrope (trainer.optim.lr=0.002)",
+        "vanilla (trainer.optim.lr=0.001)",
+        "vanilla (trainer.optim.lr=0.002)",
+    ]
+    assert loss_figure(load_sweep(grid), "grid").axes[0].get_yscale() == "linear"
