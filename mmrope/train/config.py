@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,20 @@ NONFINITE_POLICIES = ("raise", "skip")
 ERROR_POLICIES = ("raise", "skip")
 
 
+def rope_hparams_error(error: ValueError, name: str, hparams: dict[str, Any]) -> ValueError:
+    """An encoding's ValueError with its config key named: `rope.hparams.<h>` for the hyperparameter its message
+    mentions first (e.g. `rope.hparams.mrope_section`), else `rope.hparams`."""
+    from mmrope.encodings import build
+
+    text = str(error)
+    found = []
+    for h in {*hparams, *build(name).hparams}:
+        if match := re.search(rf"(?<![A-Za-z0-9_]){re.escape(h)}(?![A-Za-z0-9_])", text):
+            found.append((match.start(), h))
+    key = f"rope.hparams.{min(found)[1]}" if found else "rope.hparams"
+    return ValueError(f"config key `{key}`: {text} (rope={name})")
+
+
 @dataclass
 class RopeConfig:
     """The position encoding: one file per encoding in configs/rope/ (see mmrope.encodings.build)."""
@@ -36,9 +51,13 @@ class RopeConfig:
     )
 
     def __post_init__(self) -> None:
-        from mmrope.encodings import available
+        from mmrope.encodings import available, build
 
         _one_of(self.name, tuple(available()), "rope.name")
+        try:  # hyperparameter names and values (the fit to the model's heads is checked in validate())
+            build(self.name, **self.hparams)
+        except ValueError as e:
+            raise rope_hparams_error(e, self.name, self.hparams) from e
         if self.layout is not None:
             _one_of(self.layout, ("qwen2_5", "qwen3"), "rope.layout")
         if self.dipe:
@@ -275,4 +294,20 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         optim.warmup_steps = max_steps
     if not math.isfinite(obj.trainer.optim.lr):
         raise ValueError("config key `trainer.optim.lr`: must be finite")
+    if obj.model.kind == "tiny":  # the heads are known before the model is built: check the encoding fits
+        check_rope_fits(obj.rope, obj.model.tiny)
     return obj
+
+
+def check_rope_fits(rope: RopeConfig, tiny) -> None:
+    """The encoding's rotary built for the tiny model's heads (e.g. mrope_section must sum to head_dim / 2)."""
+    from mmrope.encodings import build
+
+    try:
+        build(rope.name, **rope.hparams).rotary(
+            head_dim=tiny.hidden_size // tiny.num_attention_heads,
+            rope_theta=tiny.rope_theta,
+            num_key_value_heads=tiny.num_key_value_heads,
+        )
+    except ValueError as e:
+        raise rope_hparams_error(e, rope.name, rope.hparams) from e

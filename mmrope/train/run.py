@@ -22,7 +22,7 @@ from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
-from mmrope.train.config import OptimConfig, TrainConfig
+from mmrope.train.config import OptimConfig, TrainConfig, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
@@ -170,7 +170,12 @@ def build_session(cfg: TrainConfig) -> Session:
         special_ids=processor.special_ids,
         seed=cfg.trainer.seed,
     )
-    install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)  # the one seam
+    try:
+        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)  # the one seam
+    except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
+        if not any(h in str(e) for h in encoding.hparams):
+            raise
+        raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
     counts = apply_freeze(model, cfg.model.freeze)
     apply_activation_checkpointing(
         model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every

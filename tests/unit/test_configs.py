@@ -28,6 +28,11 @@ def missing_values(node, prefix: str) -> list[str]:
 
 
 register_configs()
+TINY_8_KV_HEADS = [
+    "model.tiny.hidden_size=1024",
+    "model.tiny.num_attention_heads=8",
+    "model.tiny.num_key_value_heads=8",
+]
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -55,6 +60,8 @@ def test_every_yaml_composes_and_validates(group, option):
     raw = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
     prefix = "" if group == "experiment" else f"{group.replace('/', '.')}."
     extra = missing_values(raw, prefix)
+    if (group, option) == ("rope", "mhrope"):  # whole KV heads per axis: the tiny model needs 8 of them
+        extra += TINY_8_KV_HEADS
     cfg = validate(compose_cfg([f"{group}={option}", *extra]))
     if group == "rope":
         assert cfg.rope.name == OmegaConf.load(CONFIGS / "rope" / f"{option}.yaml").name
@@ -81,6 +88,11 @@ def test_issue_example_overrides_compose():
         ("deepspeed.offload_param=true", "deepspeed.offload_param"),
         ("data.error_policy=ignore", "data.error_policy"),
         ("trainer.run_name=a/b", "trainer.run_name"),
+        # the encoding's hyperparameters, also their fit to the model's heads (before anything is built)
+        ("rope.hparams.mrope_section=[8,8,8]", "rope.hparams.mrope_section"),
+        ("rope.hparams.mrope_section=[8,8]", "rope.hparams.mrope_section"),
+        ("+rope.hparams.not_a_knob=1", "rope.hparams.not_a_knob"),
+        ("rope=mhrope", "rope.hparams.num_key_value_heads"),  # built for 8 KV heads, the tiny model has 1
     ],
 )
 def test_bad_values_name_their_key(override, key):
