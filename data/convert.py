@@ -314,6 +314,15 @@ def convert(
     return index
 
 
+def shards_pattern(out_dir: Path, index: dict) -> str:
+    """The written shards as one `data.shards` entry: `out/shard-000000.tar` or `out/shard-{000000..000011}.tar`."""
+    names = sorted(s["name"] for s in index["shards"])
+    numbers = [n.removeprefix("shard-").removesuffix(".tar") for n in names]
+    if len(numbers) == 1:
+        return str(out_dir / names[0])
+    return str(out_dir / f"shard-{{{numbers[0]}..{numbers[-1]}}}.tar")
+
+
 def too_many_rejects(index: dict, max_reject_fraction: float) -> str | None:
     """Why the conversion failed (nothing converted, or rejects above the limit), or None."""
     num_records, num_rejected = index["num_records"], index["num_rejected"]
@@ -359,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{index['num_rejected']} of {index['num_records']} records rejected {index['rejected']} "
         "(see rejected.jsonl)"
     )
+    if index["shards"]:
+        print(f"train on them: python train.py data=shards 'data.shards=[{shards_pattern(args.out, index)}]'")
     failure = too_many_rejects(index, args.max_reject_fraction)
     if failure is not None:
         sys.exit(f"data.convert: {failure}; reasons per record in {args.out / 'rejected.jsonl'}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -363,28 +362,18 @@ def _export_if_needed(path: Path) -> Path:
 
 
 def load_probe_model(path: str | Path, *, attn_backend: str = "sdpa", device: str = "cpu") -> ProbeModel:
-    """Load an exported checkpoint (`mmrope.train.export`): stock transformers class + `mmrope_encoding.json`,
-    then install its encoding (and DIPE) like training did."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    """Load an exported checkpoint (`mmrope.from_pretrained`: stock transformers class + `mmrope_encoding.json`,
+    its encoding (and DIPE) installed like training did)."""
+    from mmrope.pretrained import from_pretrained
 
-    from data.processor import load_processor
-    from mmrope.encodings import build as build_encoding
-    from mmrope.model.install import install
-
-    model_dir = _export_if_needed(Path(path))
-    meta = json.loads((model_dir / "mmrope_encoding.json").read_text())
-    family = meta.get("model_family", "qwen2_5_vl")
-    cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
-    vlm = cls.from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    encoding = build_encoding(meta["name"], **meta.get("hparams", {}))
-    install(vlm, encoding, attn_backend=attn_backend, dipe=bool(meta.get("dipe", False)))
-    label = f"{meta['name']}{' + DIPE' if meta.get('dipe') else ''}"
+    vlm, processor = from_pretrained(_export_if_needed(Path(path)), device=device, attn_backend=attn_backend)
+    label = f"{processor.encoding.name}{' + DIPE' if processor.dipe else ''}"
     return ProbeModel(
         vlm=vlm,
-        processor=load_processor(model_dir),
-        encoding=encoding,
-        dipe=bool(meta.get("dipe", False)),
-        layout=meta.get("layout", "qwen2_5"),
+        processor=processor,
+        encoding=processor.encoding,
+        dipe=processor.dipe,
+        layout=processor.layout,
         label=label,
         path=str(path),
     )

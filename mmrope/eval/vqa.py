@@ -40,14 +40,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from data.processing import IGNORE_INDEX, Sample, SampleError, SampleProcessor, token_ids_for
-from data.processor import VLProcessor, load_processor
-from mmrope.encodings import Encoding, TokenIds, build
+from data.processing import IGNORE_INDEX, Sample, SampleError, SampleProcessor
+from data.processor import VLProcessor
+from mmrope.encodings import Encoding, TokenIds
 from mmrope.eval.distractors import distractor_ids, insert_distractor, insertion_index, load_corpus
 from mmrope.eval.scoring import option_letters, score
 
 DEFAULT_DISTANCES = (0, 1024, 2048, 4096, 8192, 16384, 32768)
-ENCODING_FILE = "mmrope_encoding.json"
 OPTIONS_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,32 +215,17 @@ def prompt_ids(sample: Sample) -> Tensor:
 def load_checkpoint(
     path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32, attn_backend: str = "sdpa"
 ) -> Checkpoint:
-    """An exported checkpoint: the stock transformers class + its encoding (and DIPE) installed, and its processor."""
-    from mmrope.model.build import FAMILY_CLASSES
-    from mmrope.model.install import install
+    """An exported checkpoint (`mmrope.from_pretrained`): the stock transformers class + its encoding (and DIPE)
+    installed, and its processor."""
+    from mmrope.pretrained import from_pretrained
 
-    path_ = Path(path)
-    meta_file = path_ / ENCODING_FILE
-    if not meta_file.is_file():
-        raise ValueError(
-            f"--checkpoint: {str(path)!r} has no {ENCODING_FILE} (export it with mmrope.train.export)"
-        )
-    meta = json.loads(meta_file.read_text())
-    family = meta.get("model_family", "qwen2_5_vl")
-    if family not in FAMILY_CLASSES:
-        raise ValueError(
-            f"--checkpoint: {ENCODING_FILE} model_family {family!r} not in {sorted(FAMILY_CLASSES)}"
-        )
-    model = FAMILY_CLASSES[family].from_pretrained(
-        path_, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    try:
+        model, processor = from_pretrained(path, device=device, dtype=dtype, attn_backend=attn_backend)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint: {e}") from e
+    return Checkpoint(
+        str(path), model, processor, processor.encoding, processor.tokens, processor.layout, processor.dipe
     )
-    model.to(device).eval()
-    encoding = build(meta["name"], **meta.get("hparams", {}))
-    dipe = bool(meta.get("dipe", False))
-    install(model, encoding, attn_backend=attn_backend, dipe=dipe)
-    processor = load_processor(path_)
-    layout = meta.get("layout") or ("qwen2_5" if family == "qwen2_5_vl" else "qwen3")
-    return Checkpoint(str(path), model, processor, encoding, token_ids_for(processor), layout, dipe)
 
 
 def _decode_answer(processor: VLProcessor, new_ids: Tensor) -> str:

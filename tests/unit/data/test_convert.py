@@ -245,6 +245,15 @@ def test_cli_accepts_a_few_rejects_and_refuses_nothing_converted(tmp_path):
     ok = _cli(tmp_path, _llava(47, 1, tmp_path), "--quiet")
     assert ok.returncode == 0, ok.stderr
     assert "47 samples" in ok.stdout and "1 of 48 records rejected" in ok.stdout
+    # it says how to train on what it wrote: a data.shards value that expands to exactly its shards
+    from data.loader import expand_urls
+
+    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", ok.stdout)
+    assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    many = _cli(tmp_path, _llava(30, 0, tmp_path), "--quiet", "--max-shard-samples", "8")
+    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", many.stdout)
+    assert len(expand_urls(pattern)) == 4
+    assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
     none = _cli(tmp_path, _llava(0, 3, tmp_path), "--quiet", "--max-reject-fraction", "1")
     assert none.returncode == 1 and "no record could be converted" in none.stderr
 
