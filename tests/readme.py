@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
+
+from tests.conftest import ROOT, clean_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,3 +42,16 @@ def readme_commands(*prefix: str) -> list[list[str]]:
         for argv in shell_commands(block)
         if tuple(argv[: len(prefix)]) == prefix
     ]
+
+
+def run_readme_command(argv: list[str], cwd: Path, *extra: str, timeout: int = 600) -> str:
+    """A README command as a user runs it from `cwd` (`python` is this interpreter, `train.py` the repo's),
+    wandb offline; returns its output, asserting it succeeded."""
+    assert argv[0] == "python"
+    script = [str(ROOT / argv[1])] if argv[1].endswith(".py") else argv[1:2]
+    cmd = [sys.executable, *script, *argv[2:], *extra]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=clean_env(WANDB_MODE="offline"), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{cmd}\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr

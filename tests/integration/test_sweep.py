@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,7 @@ import yaml
 
 from mmrope.train.report import main as report_main
 from mmrope.train.report import write_report
-from tests.conftest import ROOT, clean_env
-from tests.readme import readme_commands
+from tests.readme import readme_commands, run_readme_command
 
 ENCODINGS = ("mrope", "mrope_i", "vanilla")
 STEPS = 3
@@ -42,18 +39,6 @@ FAST = [
 
 def metrics(job_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def run_readme_command(argv: list[str], cwd: Path, *extra: str, timeout: int = 600) -> str:
-    """A README command as a user runs it from `cwd` (`python` is this interpreter, scripts are the repo's)."""
-    assert argv[0] == "python"
-    script = [str(ROOT / argv[1])] if argv[1].endswith(".py") else argv[1:2]
-    cmd = [sys.executable, *script, *argv[2:], *extra]
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=clean_env(WANDB_MODE="offline"), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"{cmd}\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
