@@ -24,9 +24,8 @@ STEPS = 3
 SWEEP = "rope_sweep"
 # The README's sweep command, verbatim (one after another, here), plus what makes it fast and points it at the
 # session's data cache. The appended overrides also make every run name hold several `key=value` pairs.
-(README_SWEEP,) = [
-    c for c in readme_commands("python", "train.py", "-m") if not any("launcher" in a for a in c)
-]
+SWEEP_COMMANDS = [c for c in readme_commands("python", "train.py", "-m") if f"hydra.job.name={SWEEP}" in c]
+(README_SWEEP,) = [c for c in SWEEP_COMMANDS if not any("launcher" in a for a in c)]
 FAST = [
     "data.synthetic.num_samples=200",
     "data.synthetic.samples_per_shard=100",
@@ -124,7 +123,7 @@ def test_report_table_and_plot(sweep_dir, tmp_path, capsys):
 def test_readme_parallel_sweep_on_a_fresh_machine(tmp_path):
     """The README's parallel sweep (submitit, local processes), verbatim from a fresh folder: its runs start at
     once and all generate the data cache (.cache) on first use."""
-    (command,) = [c for c in readme_commands("python", "train.py", "-m") if "hydra/launcher=local" in c]
+    (command,) = [c for c in SWEEP_COMMANDS if "hydra/launcher=local" in c]
     run_readme_command(command, tmp_path, *FAST)
     job_dirs = sorted(p.parent for p in (tmp_path / "runs" / "sweeps" / SWEEP).glob("*/metrics.jsonl"))
     assert [next(p for p in d.name.split(",") if p.startswith("rope=")) for d in job_dirs] == [
