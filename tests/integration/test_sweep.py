@@ -137,7 +137,7 @@ def test_readme_parallel_sweep_on_a_fresh_machine(tmp_path):
 
 @pytest.mark.slow
 def test_readme_report_command(sweep_dir):
-    (command,) = readme_commands("python", "-m", "mmrope.train.report")
+    (command,) = [c for c in readme_commands("python", "-m", "mmrope.train.report") if SWEEP in c[3]]
     out = run_readme_command(command, cwd=sweep_dir.parents[2])
     report = sweep_dir / "report"
     assert f"wrote {Path('runs/sweeps') / SWEEP / 'report' / 'report.md'}" in out
