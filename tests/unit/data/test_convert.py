@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -215,23 +216,35 @@ def _llava(num_ok: int, num_missing: int, root) -> list[dict]:
     ]
 
 
-def _cli(tmp_path, records, *flags) -> subprocess.CompletedProcess:
+def _cli(tmp_path, records, *flags, in_process: bool = True) -> subprocess.CompletedProcess:
+    """`python -m data.convert ...` on `records`; in this process (main() and SystemExit as the interpreter
+    would turn them into an exit status: a message means 1) or, with in_process=False, as a real command."""
     src = tmp_path / "in.json"
     src.write_text(json.dumps(records))
     argv = ["--input", str(src), "--image-root", str(tmp_path), "--out", str(tmp_path / "out"), *flags]
-    from tests.conftest import ROOT, clean_env
+    if not in_process:
+        from tests.conftest import ROOT, clean_env
 
-    return subprocess.run(
-        [sys.executable, "-m", "data.convert", *argv],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-    )
+        return subprocess.run(
+            [sys.executable, "-m", "data.convert", *argv],
+            cwd=ROOT,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+        )
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_fails_when_most_records_are_rejected(tmp_path):
-    proc = _cli(tmp_path, _llava(1, 47, tmp_path), "--quiet")
+    proc = _cli(tmp_path, _llava(1, 47, tmp_path), "--quiet", in_process=False)  # the real exit status
     assert proc.returncode == 1
     assert "47 of 48 records rejected" in proc.stderr and "--max-reject-fraction=0.05" in proc.stderr
     index = json.loads((tmp_path / "out" / "index.json").read_text())  # the reports are written all the same
