@@ -1,7 +1,8 @@
 """Convert LLaVA / ShareGPT / messages JSON(L) into the project's webdataset shards.
 
     python -m data.convert --input llava.json --image-root /data/images --out /data/shards \\
-        [--format auto|llava|sharegpt|messages] [--max-shard-bytes 1e9] [--max-shard-samples 100000]
+        [--format auto|llava|sharegpt|messages] [--max-shard-bytes 1e9] [--max-shard-samples 100000] \\
+        [--max-reject-fraction 0.05] [--quiet]
 
 Input records (one JSON list, or JSONL):
   llava     {"id": .., "image": "a.jpg" | ["a.jpg", ...], "video": ["f0.jpg", ...] (frames),
@@ -19,7 +20,8 @@ contiguous block (Qwen2.5-VL) or per-frame blocks with timestamps (Qwen3-VL).
 `--max-shard-bytes` bounds the member payload per shard (webdataset's ShardWriter maxsize; tar headers add
 ~1 KiB per member on top). Also written: `index.json` (per-shard sample counts, rejects by reason) and `rejected.jsonl` (one line per
 rejected record: index, id, reason, detail). Reasons: bad_json, bad_structure, missing_image, bad_image,
-placeholder_mismatch.
+placeholder_mismatch. The CLI exits with status 1 (after writing everything) when nothing was converted or
+more than `--max-reject-fraction` of the records were rejected; `--quiet` drops the progress bar.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ import webdataset as wds
 from PIL import Image
 
 FORMATS = ("auto", "llava", "sharegpt", "messages")
+DEFAULT_MAX_REJECT_FRACTION = 0.05  # a few missing or broken images are normal; most of a data set is not
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
@@ -75,12 +79,23 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _turn_list(rec: dict, keys: tuple[str, ...]) -> list:
+    """The record's list of turns under the first of `keys` it has; Reject saying what is wrong with it."""
+    key = next((k for k in keys if k in rec), None)
+    if key is None:
+        raise Reject("bad_structure", f"no {' or '.join(repr(k) for k in keys)} field")
+    turns = rec[key]
+    if not isinstance(turns, list):
+        raise Reject("bad_structure", f"{key!r} is a {type(turns).__name__}, not a list of turns")
+    if not turns:
+        raise Reject("bad_structure", f"{key!r} is an empty list")
+    return turns
+
+
 def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
     """(role, content) pairs; content is a string or (messages format) a list of parts."""
     if fmt in ("llava", "sharegpt"):
-        turns = rec.get("conversations", rec.get("messages"))
-        if not isinstance(turns, list) or not turns:
-            raise Reject("bad_structure", "no 'conversations' list")
+        turns = _turn_list(rec, ("conversations", "messages"))
         out = []
         for t in turns:
             if (
@@ -93,9 +108,7 @@ def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
         if rec.get("system") and out[0][0] != "system":
             out.insert(0, ("system", str(rec["system"])))
         return out
-    turns = rec.get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise Reject("bad_structure", "no 'messages' list")
+    turns = _turn_list(rec, ("messages",))
     out = []
     for t in turns:
         if (
@@ -263,7 +276,6 @@ def convert(
         bar = tqdm(desc="convert", unit="rec", disable=not progress)
         for source in inputs:
             for index, rec, error in read_records(source):
-                bar.update(1)
                 try:
                     if rec is None:
                         raise Reject("bad_json", error)
@@ -279,11 +291,13 @@ def convert(
                         "detail": e.detail,
                     }
                     report.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-                    continue
-                sink.write(sample)
-                per_shard[Path(sink.fname).name] += 1
-                num_written += 1
-                bar.set_postfix(ok=num_written, rejected=sum(rejected.values()))
+                else:
+                    sink.write(sample)
+                    per_shard[Path(sink.fname).name] += 1
+                    num_written += 1
+                # counts after every record, rejected ones included (the bar shows the last state it got)
+                bar.set_postfix(ok=num_written, rejected=sum(rejected.values()), refresh=False)
+                bar.update(1)
         bar.close()
     # ShardWriter opens its first shard eagerly: drop it if nothing went in.
     for tar in out_dir.glob("shard-*.tar"):
@@ -291,12 +305,35 @@ def convert(
             tar.unlink()
     index = {
         "shards": [{"name": name, "num_samples": n} for name, n in sorted(per_shard.items())],
+        "num_records": num_written + sum(rejected.values()),
         "num_samples": num_written,
         "num_rejected": sum(rejected.values()),
         "rejected": dict(rejected),
     }
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+def shards_pattern(out_dir: Path, index: dict) -> str:
+    """The written shards as one `data.shards` entry: `out/shard-000000.tar` or `out/shard-{000000..000011}.tar`."""
+    names = sorted(s["name"] for s in index["shards"])
+    numbers = [n.removeprefix("shard-").removesuffix(".tar") for n in names]
+    if len(numbers) == 1:
+        return str(out_dir / names[0])
+    return str(out_dir / f"shard-{{{numbers[0]}..{numbers[-1]}}}.tar")
+
+
+def too_many_rejects(index: dict, max_reject_fraction: float) -> str | None:
+    """Why the conversion failed (nothing converted, or rejects above the limit), or None."""
+    num_records, num_rejected = index["num_records"], index["num_rejected"]
+    if index["num_samples"] == 0:
+        return f"no record could be converted ({num_rejected} of {num_records} rejected)"
+    if num_rejected > max_reject_fraction * num_records:
+        return (
+            f"{num_rejected} of {num_records} records rejected ({num_rejected / num_records:.1%}) > "
+            f"--max-reject-fraction={max_reject_fraction:g}"
+        )
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,7 +344,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--format", default="auto", choices=FORMATS)
     ap.add_argument("--max-shard-bytes", type=float, default=1e9)
     ap.add_argument("--max-shard-samples", type=int, default=100_000)
+    ap.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=DEFAULT_MAX_REJECT_FRACTION,
+        help="exit with status 1 when more records than this fraction are rejected (outputs are still written)",
+    )
+    ap.add_argument("--quiet", action="store_true", help="no progress bar (for logs that are not a terminal)")
     args = ap.parse_args(argv)
+    if not 0 <= args.max_reject_fraction <= 1:
+        ap.error(f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}")
     index = convert(
         args.input,
         args.image_root,
@@ -315,11 +361,18 @@ def main(argv: list[str] | None = None) -> None:
         fmt=args.format,
         max_shard_bytes=args.max_shard_bytes,
         max_shard_samples=args.max_shard_samples,
+        progress=not args.quiet,
     )
     print(
         f"{index['num_samples']} samples in {len(index['shards'])} shard(s) under {args.out}; "
-        f"{index['num_rejected']} rejected {index['rejected']} (see rejected.jsonl)"
+        f"{index['num_rejected']} of {index['num_records']} records rejected {index['rejected']} "
+        "(see rejected.jsonl)"
     )
+    if index["shards"]:
+        print(f"train on them: python train.py data=shards 'data.shards=[{shards_pattern(args.out, index)}]'")
+    failure = too_many_rejects(index, args.max_reject_fraction)
+    if failure is not None:
+        sys.exit(f"data.convert: {failure}; reasons per record in {args.out / 'rejected.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,18 @@ class SampleError(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+
+def record_id(record: dict) -> str | None:
+    """The record's own id (the converter keeps the source's `id` in the .json member), if it has one."""
+    raw = record.get("json")
+    try:
+        meta = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    value = meta.get("id") if isinstance(meta, dict) else None
+    return None if value is None else str(value)
 
 
 @dataclass
@@ -175,6 +186,15 @@ class SampleProcessor:
 
     # -- tokens ----------------------------------------------------------------------------------------------
     def __call__(self, record: dict) -> Sample:
+        try:
+            return self._sample(record)
+        except SampleError as e:  # name the record by its own id too: the shard key is only a position
+            rid = record_id(record)
+            if rid is None:
+                raise
+            raise SampleError(e.reason, f"{e.detail} (record id {rid!r})".lstrip()) from e
+
+    def _sample(self, record: dict) -> Sample:
         key = str(record.get("__key__", "?"))
         messages = self._messages(record)
         images, videos = self._media(record, messages)

@@ -17,7 +17,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from mmrope.train.config import ModelConfig, TinyModelConfig
+from mmrope.model.config import ModelConfig, TinyModelConfig
 
 FAMILY_CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,

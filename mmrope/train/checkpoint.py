@@ -221,7 +221,7 @@ class CheckpointManager:
             if saved.get(key) != fingerprint.get(key):
                 raise ValueError(
                     f"config key `{key}`: cannot resume from {path}: it was trained with {saved.get(key)!r}, the "
-                    f"current config has {fingerprint.get(key)!r}. Use a new trainer.run_name or trainer.resume=never."
+                    f"current config has {fingerprint.get(key)!r}. Start a new run under a new trainer.run_name."
                 )
         if manifest["world_size"] != self.world_size:
             raise ValueError(

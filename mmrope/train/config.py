@@ -9,119 +9,34 @@ divide, an unknown encoding) surface before any model or data is touched, with t
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mmrope.attention import PACKED_BACKENDS
+from mmrope.model.config import ModelConfig, _one_of, _require
 
-MODEL_KINDS = ("tiny", "pretrained", "composed")
-MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("auto", "must", "never")
 NONFINITE_POLICIES = ("raise", "skip")
 ERROR_POLICIES = ("raise", "skip")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config key `{key}`: {message}")
+def rope_hparams_error(error: ValueError, name: str, hparams: dict[str, Any]) -> ValueError:
+    """An encoding's ValueError with its config key named: `rope.hparams.<h>` for the hyperparameter its message
+    mentions first (e.g. `rope.hparams.mrope_section`), else `rope.hparams`."""
+    from mmrope.encodings import build
 
-
-def _one_of(value: Any, choices: tuple, key: str) -> None:
-    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
-
-
-@dataclass
-class TinyModelConfig:
-    """Sizes of the tiny Qwen-VL built from config for the embedded default and the tests."""
-
-    # head_dim 128 like every real Qwen-VL, so the shipped rope configs ([16,24,24] = 64 rotary pairs) fit as is.
-    hidden_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    intermediate_size: int = 512
-    rope_theta: float = 1_000_000.0
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_num_heads: int = 2
-    vision_intermediate_size: int = 64
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "model.tiny.hidden_size",
-            "must be divisible by num_attention_heads",
-        )
-        _require(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            "model.tiny.num_key_value_heads",
-            "must divide num_attention_heads",
-        )
-        _require(
-            (self.hidden_size // self.num_attention_heads) % 2 == 0,
-            "model.tiny.hidden_size",
-            "head_dim (hidden_size / num_attention_heads) must be even for rotary embeddings",
-        )
-
-
-@dataclass
-class FreezeConfig:
-    """Which module groups train. Paper default: ViT frozen; connector and LLM (with lm_head) trained."""
-
-    vision: bool = True
-    connector: bool = False
-    llm: bool = False
-    lm_head: bool = False
-
-
-@dataclass
-class ModelConfig:
-    kind: str = "tiny"  # tiny | pretrained (one local VLM checkpoint) | composed (ViT+connector from one, LLM from another)
-    family: str = "qwen2_5_vl"  # qwen2_5_vl | qwen3_vl
-    path: str | None = None  # kind=pretrained: local VLM checkpoint directory
-    vision_path: str | None = (
-        None  # kind=composed: local VLM checkpoint providing ViT + connector (+ processor)
-    )
-    llm_path: str | None = None  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
-    tokenizer_path: str | None = None  # default: the checkpoint's (or the locally built tiny tokenizer)
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    attn_backend: str = "auto"  # auto: torch's varlen FlashAttention on CUDA (bf16), per-sample SDPA on CPU
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    activation_checkpointing: str = (
-        "none"  # none | all | every_k (LLM decoder layers; the frozen ViT stores nothing)
-    )
-    activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
-
-    def __post_init__(self) -> None:
-        _one_of(self.kind, MODEL_KINDS, "model.kind")
-        _one_of(self.activation_checkpointing, ("none", "all", "every_k"), "model.activation_checkpointing")
-        _require(
-            self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every", "must be >= 1"
-        )
-        _one_of(self.family, MODEL_FAMILIES, "model.family")
-        _one_of(self.attn_backend, ATTN_BACKENDS, "model.attn_backend")
-        if self.kind == "pretrained":
-            _require(
-                bool(self.path), "model.path", "is required when model.kind=pretrained (a local directory)"
-            )
-        if self.kind == "composed":
-            _require(bool(self.vision_path), "model.vision_path", "is required when model.kind=composed")
-            _require(bool(self.llm_path), "model.llm_path", "is required when model.kind=composed")
-        if self.kind == "tiny" and self.family != "qwen2_5_vl":
-            _require(
-                False,
-                "model.family",
-                "the tiny model is built as qwen2_5_vl; use kind=pretrained for qwen3_vl",
-            )
+    text = str(error)
+    found = []
+    for h in {*hparams, *build(name).hparams}:
+        if match := re.search(rf"(?<![A-Za-z0-9_]){re.escape(h)}(?![A-Za-z0-9_])", text):
+            found.append((match.start(), h))
+    key = f"rope.hparams.{min(found)[1]}" if found else "rope.hparams"
+    return ValueError(f"config key `{key}`: {text} (rope={name})")
 
 
 @dataclass
@@ -136,9 +51,13 @@ class RopeConfig:
     )
 
     def __post_init__(self) -> None:
-        from mmrope.encodings import available
+        from mmrope.encodings import available, build
 
         _one_of(self.name, tuple(available()), "rope.name")
+        try:  # hyperparameter names and values (the fit to the model's heads is checked in validate())
+            build(self.name, **self.hparams)
+        except ValueError as e:
+            raise rope_hparams_error(e, self.name, self.hparams) from e
         if self.layout is not None:
             _one_of(self.layout, ("qwen2_5", "qwen3"), "rope.layout")
         if self.dipe:
@@ -288,7 +207,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto | must | never
     optim: OptimConfig = field(default_factory=OptimConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+    # Per-device peak TFLOP/s for MFU; None = detected for known GPUs (H100, H200, A100: dense bf16), else
+    # MFU is "n/a" (a CPU has no meaningful tensor-core peak).
+    peak_tflops: float | None = None
     on_nonfinite: str = "raise"  # raise | skip: what a step with a non-finite loss or grad norm does
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: abort once more steps than this were skipped
     requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
@@ -310,6 +231,11 @@ class TrainerConfig:
         )
         _one_of(self.precision, PRECISIONS, "trainer.precision")
         _one_of(self.resume, RESUME_MODES, "trainer.resume")
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "trainer.peak_tflops",
+            f"must be > 0 (TFLOP/s per device) or null (detect), got {self.peak_tflops}",
+        )
         _require(self.save_every > 0, "trainer.save_every", "must be > 0")
         _require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         _one_of(self.on_nonfinite, NONFINITE_POLICIES, "trainer.on_nonfinite")
@@ -355,11 +281,33 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if not isinstance(obj, TrainConfig):  # composed without the schema (e.g. a plain OmegaConf.load)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
     assert isinstance(obj, TrainConfig)
-    if obj.trainer.optim.warmup_steps > obj.trainer.max_steps:
-        raise ValueError(
-            f"config key `trainer.optim.warmup_steps`: {obj.trainer.optim.warmup_steps} exceeds "
-            f"trainer.max_steps={obj.trainer.max_steps}"
-        )
+    optim, max_steps = obj.trainer.optim, obj.trainer.max_steps
+    if optim.warmup_steps > max_steps:
+        # A short run (a smoke test, `trainer.max_steps=2`) with the default warmup: warm up over the whole
+        # run instead of refusing it, and say so.
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"note: trainer.optim.warmup_steps={optim.warmup_steps} > trainer.max_steps={max_steps}: "
+                f"warmup clamped to {max_steps} steps",
+                flush=True,
+            )
+        optim.warmup_steps = max_steps
     if not math.isfinite(obj.trainer.optim.lr):
         raise ValueError("config key `trainer.optim.lr`: must be finite")
+    if obj.model.kind == "tiny":  # the heads are known before the model is built: check the encoding fits
+        check_rope_fits(obj.rope, obj.model.tiny)
     return obj
+
+
+def check_rope_fits(rope: RopeConfig, tiny) -> None:
+    """The encoding's rotary built for the tiny model's heads (e.g. mrope_section must sum to head_dim / 2)."""
+    from mmrope.encodings import build
+
+    try:
+        build(rope.name, **rope.hparams).rotary(
+            head_dim=tiny.hidden_size // tiny.num_attention_heads,
+            rope_theta=tiny.rope_theta,
+            num_key_value_heads=tiny.num_key_value_heads,
+        )
+    except ValueError as e:
+        raise rope_hparams_error(e, rope.name, rope.hparams) from e

@@ -92,7 +92,8 @@ class Trainer:
             step_time = time.perf_counter() - tic
             # Every rank evaluates (same rows, ZeRO-3 gathers in lockstep); logged in this step's record.
             evals = self.evaluator.maybe_run(self.step) if self.evaluator is not None else {}
-            if evals or self.step % t.log_every == 0 or self.step == t.max_steps:
+            # Step 1 is always logged: loss curves start where training starts, not at step log_every.
+            if evals or self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                 self.metrics.log(
                     self.step,
                     {

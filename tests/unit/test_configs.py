@@ -28,6 +28,11 @@ def missing_values(node, prefix: str) -> list[str]:
 
 
 register_configs()
+TINY_8_KV_HEADS = [
+    "model.tiny.hidden_size=1024",
+    "model.tiny.num_attention_heads=8",
+    "model.tiny.num_key_value_heads=8",
+]
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -55,6 +60,8 @@ def test_every_yaml_composes_and_validates(group, option):
     raw = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
     prefix = "" if group == "experiment" else f"{group.replace('/', '.')}."
     extra = missing_values(raw, prefix)
+    if (group, option) == ("rope", "mhrope"):  # whole KV heads per axis: the tiny model needs 8 of them
+        extra += TINY_8_KV_HEADS
     cfg = validate(compose_cfg([f"{group}={option}", *extra]))
     if group == "rope":
         assert cfg.rope.name == OmegaConf.load(CONFIGS / "rope" / f"{option}.yaml").name
@@ -81,6 +88,11 @@ def test_issue_example_overrides_compose():
         ("deepspeed.offload_param=true", "deepspeed.offload_param"),
         ("data.error_policy=ignore", "data.error_policy"),
         ("trainer.run_name=a/b", "trainer.run_name"),
+        # the encoding's hyperparameters, also their fit to the model's heads (before anything is built)
+        ("rope.hparams.mrope_section=[8,8,8]", "rope.hparams.mrope_section"),
+        ("rope.hparams.mrope_section=[8,8]", "rope.hparams.mrope_section"),
+        ("+rope.hparams.not_a_knob=1", "rope.hparams.not_a_knob"),
+        ("rope=mhrope", "rope.hparams.num_key_value_heads"),  # built for 8 KV heads, the tiny model has 1
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -97,3 +109,21 @@ def test_global_batch_must_divide():
     cfg = validate(compose_cfg(["trainer.global_batch_size=3"]))
     with pytest.raises(ValueError, match="trainer.global_batch_size"):
         cfg.grad_accum_steps(world_size=2)
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
+    cfg = validate(compose_cfg(["trainer.max_steps=2"]))  # the default warmup is longer than 2 steps
+    assert OmegaConf.load(CONFIGS / "trainer" / "default.yaml").optim.warmup_steps > 2
+    assert cfg.trainer.optim.warmup_steps == 2
+    out = capsys.readouterr().out
+    assert "trainer.optim.warmup_steps" in out and "clamped to 2" in out
+    # a warmup that fits is left alone, silently
+    cfg = validate(compose_cfg(["trainer.max_steps=50", "trainer.optim.warmup_steps=5"]))
+    assert cfg.trainer.optim.warmup_steps == 5 and "clamped" not in capsys.readouterr().out
+
+
+def test_peak_tflops_is_detected_by_default_and_settable():
+    assert validate(compose_cfg([])).trainer.peak_tflops is None  # detect (H100, H200, A100), else MFU n/a
+    assert validate(compose_cfg(["trainer.peak_tflops=400"])).trainer.peak_tflops == 400
+    with pytest.raises(ValueError, match="`trainer.peak_tflops`"):
+        validate(compose_cfg(["trainer.peak_tflops=0"]))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import re
+import subprocess
+import sys
 
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -83,7 +88,9 @@ def test_llava_json_round_trips_text_and_image_bytes(tmp_path):
     src = tmp_path / "llava.json"
     src.write_text(json.dumps(source))
     out = tmp_path / "shards"
-    main(["--input", str(src), "--image-root", str(root), "--out", str(out), "--max-shard-bytes", "150"])
+    argv = ["--input", str(src), "--image-root", str(root), "--out", str(out), "--max-shard-bytes", "150"]
+    with pytest.raises(SystemExit, match=r"5 of 10 records rejected"):  # above --max-reject-fraction 0.05
+        main(argv)
 
     index = json.loads((out / "index.json").read_text())
     assert index["num_samples"] == 5 and len(index["shards"]) >= 2  # the size bound split the output
@@ -197,3 +204,104 @@ def test_converted_shards_train(tmp_path, tiny_processor):
     qwen3 = SampleProcessor(tiny_processor, build("mrope_i"), max_tokens=512, layout="qwen3")
     out = list(PackedRowStream(urls, qwen3, max_tokens=512, epochs=1))  # per-frame blocks with timestamps
     assert sum(r["num_samples"] for r in out) == 2 and not any(r["skipped"] for r in out)
+
+
+def _llava(num_ok: int, num_missing: int, root) -> list[dict]:
+    """`num_ok` records with an image, then `num_missing` whose image is missing (the last ones)."""
+    (root / "ok.png").write_bytes(_png(16, 16, (0, 0, 200)))
+    turns = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Blue."}]
+    return [
+        {"id": f"r{i}", "image": "ok.png" if i < num_ok else "gone.png", "conversations": turns}
+        for i in range(num_ok + num_missing)
+    ]
+
+
+def _cli(tmp_path, records, *flags, in_process: bool = True) -> subprocess.CompletedProcess:
+    """`python -m data.convert ...` on `records`; in this process (main() and SystemExit as the interpreter
+    would turn them into an exit status: a message means 1) or, with in_process=False, as a real command."""
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(records))
+    argv = ["--input", str(src), "--image-root", str(tmp_path), "--out", str(tmp_path / "out"), *flags]
+    if not in_process:
+        from tests.conftest import ROOT, clean_env
+
+        return subprocess.run(
+            [sys.executable, "-m", "data.convert", *argv],
+            cwd=ROOT,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+        )
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def test_cli_fails_when_most_records_are_rejected(tmp_path):
+    proc = _cli(tmp_path, _llava(1, 47, tmp_path), "--quiet", in_process=False)  # the real exit status
+    assert proc.returncode == 1
+    assert "47 of 48 records rejected" in proc.stderr and "--max-reject-fraction=0.05" in proc.stderr
+    index = json.loads((tmp_path / "out" / "index.json").read_text())  # the reports are written all the same
+    assert index["num_samples"] == 1 and index["rejected"] == {"missing_image": 47}
+    assert len((tmp_path / "out" / "rejected.jsonl").read_text().splitlines()) == 47
+    # a looser limit accepts the same input
+    assert _cli(tmp_path, _llava(1, 47, tmp_path), "--quiet", "--max-reject-fraction", "1").returncode == 0
+
+
+def test_cli_accepts_a_few_rejects_and_refuses_nothing_converted(tmp_path):
+    ok = _cli(tmp_path, _llava(47, 1, tmp_path), "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert "47 samples" in ok.stdout and "1 of 48 records rejected" in ok.stdout
+    # it says how to train on what it wrote: a data.shards value that expands to exactly its shards
+    from data.loader import expand_urls
+
+    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", ok.stdout)
+    assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    many = _cli(tmp_path, _llava(30, 0, tmp_path), "--quiet", "--max-shard-samples", "8")
+    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", many.stdout)
+    assert len(expand_urls(pattern)) == 4
+    assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
+    none = _cli(tmp_path, _llava(0, 3, tmp_path), "--quiet", "--max-reject-fraction", "1")
+    assert none.returncode == 1 and "no record could be converted" in none.stderr
+
+
+def test_reject_reasons_say_what_is_wrong(tmp_path):
+    records = [
+        {"id": "empty", "conversations": []},
+        {"id": "notlist", "conversations": "hello"},
+        {"id": "emptymsg", "messages": []},
+    ]
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(records))
+    convert([src], tmp_path, tmp_path / "out", progress=False)
+    details = {
+        r["id"]: r["detail"]
+        for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())
+    }
+    assert details["empty"] == "'conversations' is an empty list"
+    assert details["notlist"] == "'conversations' is a str, not a list of turns"
+    assert details["emptymsg"] == "'messages' is an empty list"
+
+
+def test_progress_counts_every_record_and_quiet_shows_none(tmp_path, capsys):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(_llava(4, 6, tmp_path)))  # the last 6 records are rejected
+    convert([src], tmp_path, tmp_path / "out", progress=True)
+    bar = capsys.readouterr().err
+    final = re.findall(r"(\d+)rec [^\r\n]*?ok=(\d+), rejected=(\d+)", bar)[-1]
+    assert final == ("10", "4", "6")
+    main(
+        ["--input", str(src), "--image-root", str(tmp_path), "--out", str(tmp_path / "q"), "--quiet"]
+        + [
+            "--max-reject-fraction",
+            "1",
+        ]
+    )
+    out = capsys.readouterr()
+    assert out.err == "" and "4 samples" in out.out and "6 of 10 records rejected" in out.out
