@@ -36,6 +36,7 @@ from data.video import (
     VideoPlan,
     VideoSampling,
     decode_frames,
+    describe,
     plan_file,
     plan_frames,
     probe,
@@ -289,16 +290,18 @@ class SampleProcessor:
         return plan, (meta.width, meta.height), refs
 
     def describe_video(self, meta: VideoMeta) -> dict:
-        """How a video file with this metadata is sampled: frames, effective fps and visual tokens."""
-        plan, size, ref = self._video_plan({"video": "v"}, MediaSizes(videos={"v": meta}))
-        grid_h, grid_w = self._grid(size, ref, (plan.min_pixels, plan.max_pixels), "video")
-        grid_t = -(-len(plan.indices) // self.temporal)
-        return {
-            "frames": len(plan.indices),
-            "effective_fps": plan.effective_fps,
-            "visual_tokens": grid_t * grid_h * grid_w // self.merge_area,
-            "grid": [grid_t, grid_h, grid_w],
-        }
+        """How a video file with this metadata is sampled: frames, effective fps, grid and visual tokens."""
+        try:
+            return describe(
+                meta,
+                self.video or VideoSampling(),
+                image_limits=self.image_limits,
+                patch=self.patch,
+                merge=self.factor // self.patch,
+                temporal=self.temporal,
+            )
+        except ValueError as e:
+            raise SampleError("bad_video", str(e)) from e
 
     def _plan(self, messages: list[dict], sizes: MediaSizes, check_length: bool = True) -> _Plan:
         image_grid, video_grid, seconds, videos = [], [], [], []

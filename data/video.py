@@ -90,6 +90,38 @@ class VideoPlan:
     max_pixels: int
 
 
+# Qwen2.5-VL's qwen_vl_utils defaults (configs/data/shards.yaml): what the converter reports videos with.
+QWEN_VIDEO = VideoSampling(
+    fps=2.0, min_frames=4, max_frames=768, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28,
+    total_pixels=24576 * 28 * 28,
+)  # fmt: skip
+
+
+def describe(
+    meta: VideoMeta,
+    sampling: VideoSampling,
+    *,
+    image_limits: tuple[int, int] = (56 * 56, 28 * 28 * 1280),
+    patch: int = 14,
+    merge: int = 2,
+    temporal: int = 2,
+    fps: float | None = None,
+) -> dict:
+    """How a video file is sampled: frames kept, effective fps, grid and visual (merged) tokens. Raises
+    ValueError for a video that cannot be sampled (too short, degenerate size)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    plan = plan_file(meta, sampling, image_limits, temporal, fps)
+    h, w = smart_resize(meta.height, meta.width, patch * merge, plan.min_pixels, plan.max_pixels)
+    grid = [-(-len(plan.indices) // temporal), h // patch, w // patch]
+    return {
+        "frames": len(plan.indices),
+        "effective_fps": plan.effective_fps,
+        "grid": grid,
+        "visual_tokens": grid[0] * grid[1] * grid[2] // merge**2,
+    }
+
+
 def _round(n: float, factor: int) -> int:
     return round(n / factor) * factor
 
