@@ -97,3 +97,46 @@ def test_global_batch_must_divide():
     cfg = validate(compose_cfg(["trainer.global_batch_size=3"]))
     with pytest.raises(ValueError, match="trainer.global_batch_size"):
         cfg.grad_accum_steps(world_size=2)
+
+
+def test_data_shards_without_shards_fails_naming_the_key():
+    """`data=shards` alone used to train silently on the synthetic set."""
+    with pytest.raises(ValueError, match=r"`data\.shards`"):
+        validate(compose_cfg(["data=shards"]))
+    with pytest.raises(ValueError, match=r"`data\.shards`"):
+        validate(compose_cfg(["data=shards", "data.shards=[]"]))
+
+
+def readme_data_commands() -> list[str]:
+    """Every `python train.py ...` command of the README that sets data.shards or data.mixture, verbatim."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in text.split("```")[1::2]:  # fenced code blocks
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("python train.py") and ("data.shards=" in line or "data.mixture=" in line):
+                commands.append(line)
+    return commands
+
+
+def test_readme_brace_and_mixture_commands_work_verbatim():
+    import shlex
+
+    import braceexpand
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    commands = readme_data_commands()
+    assert any("{" in c and "data.shards=" in c for c in commands), "the README lost its brace example"
+    assert any("data.mixture=" in c for c in commands), "the README lost its mixture example"
+    parser = OverridesParser.create()
+    for command in commands:
+        overrides = [a for a in shlex.split(command)[2:] if "=" in a and not a.startswith("-")]
+        parser.parse_overrides(overrides)  # Hydra's own grammar: raises on what the shell hands it
+        cfg = validate(compose_cfg(overrides))
+        assert cfg.data.source == "shards", command
+        urls = [u for pattern in cfg.data.shards for u in braceexpand.braceexpand(pattern)]
+        urls += [
+            u for m in cfg.data.mixture for pattern in m["shards"] for u in braceexpand.braceexpand(pattern)
+        ]
+        assert len(urls) > len(cfg.data.shards) + len(cfg.data.mixture), f"no brace range expanded: {command}"
+        assert all("{" not in u for u in urls)
