@@ -222,11 +222,11 @@ class PackedRowStream(IterableDataset):
         streams = [s.rows() for s in slots]
         while streams:  # round-robin over this worker's slots: the rank's global row order
             for stream in list(streams):
-                row = next(stream, None)
-                if row is None:
+                out = [next(stream, None)]
+                if out[0] is None:
                     streams.remove(stream)  # a finite stream (epochs) ran out
                 else:
-                    yield row
+                    yield out.pop()  # (holding no reference while suspended, as in _Slot._emit)
 
 
 class _Slot:
@@ -373,13 +373,15 @@ class _Slot:
 
     def _emit(self) -> Iterator[dict]:
         while self.pending:
-            row = self._row(self.pending.pop(0))
-            if row is None:
+            out = [self._row(self.pending.pop(0))]
+            if out[0] is None:
                 continue
-            row["slot"], row["global_row"] = self.slot, self.rows_out * self.num_slots + self.slot
+            out[0]["slot"], out[0]["global_row"] = self.slot, self.rows_out * self.num_slots + self.slot
             self.rows_out += 1
-            row["slot_state"] = self._snapshot()
-            yield row
+            out[0]["slot_state"] = self._snapshot()
+            # No local name may hold the row while this generator is suspended: a worker keeps many slots'
+            # generators suspended, and each would pin its last row (up to ~130 MB of pixels at 32K).
+            yield out.pop()
 
     def rows(self) -> Iterator[dict]:
         yield from self._emit()  # rows completed before the checkpoint but not yet handed out
