@@ -484,9 +484,19 @@ class ResumableLoader:
             self.load_state_dict(state)
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "num_slots": self.num_slots, "slots": dict(self.states)}
+        # `consumed`: global rows consumed by all ranks, which is this rank's count x world size when every rank
+        # stands at the same step (checkpoints are taken at step boundaries).
+        consumed = self.next_row - self.stream.rank
+        return {
+            "version": STATE_VERSION,
+            "num_slots": self.num_slots,
+            "consumed": consumed,
+            "slots": dict(self.states),
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from a state holding (at least) this rank's slots: one rank's own `state_dict()` on the same
+        world size, or `merge_states` of every rank's on another."""
         if self._it is not None:
             raise RuntimeError("ResumableLoader.load_state_dict: the loader is already iterating")
         if state.get("version") != STATE_VERSION:
@@ -499,24 +509,22 @@ class ResumableLoader:
                 f"config key `data.num_slots`: the checkpoint was written with {state['num_slots']} slots, now "
                 f"{self.num_slots}; the stream position cannot be carried over"
             )
-        slots = {int(k): v for k, v in state["slots"].items()}
-        consumed = sum(s["rows"] for s in slots.values())
-        for slot in range(
-            self.num_slots
-        ):  # a step boundary: slot i made every row g < consumed with g % S == i
-            expected = consumed // self.num_slots + (slot < consumed % self.num_slots)
-            if slots.get(slot, {"rows": 0})["rows"] != expected:
-                raise ValueError(
-                    f"config key `trainer.resume`: the data position is not one of a step boundary (slot {slot} "
-                    f"made {slots.get(slot, {'rows': 0})['rows']} rows, expected {expected} of {consumed}); "
-                    f"was the state merged from every rank?"
-                )
-        world = self.stream.world_size
+        world, consumed = self.stream.world_size, int(state["consumed"])
         if consumed % world:
             raise ValueError(
                 f"config key `trainer.resume`: the data position ({consumed} rows) is not a step boundary for "
                 f"world size {world}"
             )
+        slots = {int(k): v for k, v in state["slots"].items()}
+        for slot in range(self.num_slots):  # slot i made every global row g < consumed with g % S == i
+            expected = consumed // self.num_slots + (slot < consumed % self.num_slots)
+            made = slots.get(slot, {"rows": 0})["rows"]
+            if (slot in slots or slot % world == self.stream.rank) and made != expected:
+                raise ValueError(
+                    f"config key `trainer.resume`: the data position is not one of a step boundary (slot {slot} "
+                    f"made {made} rows, expected {expected} of {consumed}); on another world size the state "
+                    f"must be merged from every rank (data.loader.merge_states)"
+                )
         self.states = {i: s for i, s in slots.items() if i % world == self.stream.rank}
         self.next_row = consumed + self.stream.rank
 
@@ -582,13 +590,18 @@ def video_report(stream: PackedRowStream, examples: int = 2) -> list[str]:
 
 
 def merge_states(states: list[dict | None]) -> dict | None:
-    """One data position from the ranks' `state_dict()`s of the same step (each holds its own slots)."""
+    """One data position from every rank's `state_dict()` of the same step (each holds its own slots)."""
     states = [s for s in states if s]
     if not states:
         return None
-    merged = {"version": states[0].get("version"), "num_slots": states[0].get("num_slots"), "slots": {}}
+    first = states[0]
+    merged = {k: first.get(k) for k in ("version", "num_slots", "consumed")}
+    merged["slots"] = {}
     for s in states:
-        if s.get("num_slots") != merged["num_slots"]:
-            raise ValueError("config key `trainer.resume`: the ranks' data positions disagree on num_slots")
+        if (s.get("num_slots"), s.get("consumed")) != (merged["num_slots"], merged["consumed"]):
+            raise ValueError(
+                "config key `trainer.resume`: the ranks' data positions are not of the same step "
+                f"({[(x.get('num_slots'), x.get('consumed')) for x in states]} as (num_slots, consumed rows))"
+            )
         merged["slots"].update({int(k): v for k, v in s.get("slots", {}).items()})
     return merged

@@ -283,16 +283,16 @@ class CheckpointManager:
             )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
+        if not resized:
+            state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
+            set_rng_state(state["rng"])
+            return state
+        from data.loader import merge_states
+
         states = [
             torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(manifest["world_size"])
         ]
-        from data.loader import merge_states
-
         data = merge_states([s.get("data") for s in states])
-        if not resized:
-            state = states[self.rank]
-            set_rng_state(state["rng"])
-            return {**state, "data": data}
         skipped, skipped_shards = {}, {}
         for s in states:
             for k, v in s.get("skipped", {}).items():

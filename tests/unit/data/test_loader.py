@@ -102,11 +102,18 @@ def test_slots_that_do_not_divide_are_refused_naming_the_key(proc, synthetic_sha
     for loader, num_rows in zip(ranks, (3, 1)):
         for _ in range(num_rows):
             next(loader)
-    state = merge_states([loader.state_dict() for loader in ranks])
-    with pytest.raises(ValueError, match="step boundary"):
-        ResumableLoader(_stream(proc, synthetic_shards, num_slots=4), 0, state=state)
+    with pytest.raises(ValueError, match="not of the same step"):
+        merge_states([loader.state_dict() for loader in ranks])
+    # A rank's own state resumes that rank on the same world size only: its slots are checked.
+    next(ranks[1])
+    next(ranks[1])  # now both ranks made 3 rows: a step boundary
+    own = ranks[1].state_dict()
+    assert own["consumed"] == 6 and set(own["slots"]) == {1, 3}
+    ResumableLoader(_stream(proc, synthetic_shards, num_slots=4, rank=1, world_size=2), 0, state=own)
+    with pytest.raises(ValueError, match="merged from every rank"):
+        ResumableLoader(_stream(proc, synthetic_shards, num_slots=4), 0, state=own)
     with pytest.raises(ValueError, match=r"data\.num_slots"):
-        ResumableLoader(_stream(proc, synthetic_shards, num_slots=2), 0, state=state)
+        ResumableLoader(_stream(proc, synthetic_shards, num_slots=2), 0, state=own)
 
 
 def _keys(shards: list[str]) -> Counter:
