@@ -40,7 +40,7 @@ from data import index as shard_index
 from data.packing import BestFitPacker, collate_row
 from data.processing import SampleError, SampleProcessor
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: virtual slots + the global rows consumed
 INDEX_CACHE = 64  # shard indexes a worker keeps in memory
 
 
