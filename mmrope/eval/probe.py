@@ -320,7 +320,7 @@ def read_records(urls: Sequence[str]) -> Iterable[dict]:
     """Raw webdataset records of `urls` in order (brace notation expanded); a bad shard raises."""
     import webdataset as wds
 
-    from data.loader import expand_urls
+    from data.index import expand_urls
 
     for url in expand_urls(list(urls)):
         yield from wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": url}])

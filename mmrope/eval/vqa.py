@@ -170,7 +170,7 @@ def read_items(data: Sequence[str], limit: int | None = None) -> list[VQAItem]:
     """Items from shards (`.tar`, brace patterns) and JSON/JSONL files, in the order given."""
     import webdataset as wds
 
-    from data.loader import expand_urls
+    from data.index import expand_urls
 
     items: list[VQAItem] = []
     for source in data:

@@ -80,16 +80,48 @@ class SyntheticConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How video files are sampled (data/video.py, like Qwen's `qwen_vl_utils`): `fps` frames per second of
+    video, `min_frames`..`max_frames` per video, frames resized within `min_pixels`..`max_pixels` and, with
+    `total_pixels`, to at most that many pixels per video. Unset pixel limits: the image limits (data.min_pixels,
+    data.max_pixels) and no per-video budget. Frame lists keep their frames (and their own `fps`)."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    total_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        from data.video import VideoSampling
+
+        VideoSampling(**self.__dict__)  # raises ValueError naming data.video.<key>
+
+    def sampling(self):
+        from data.video import VideoSampling
+
+        return VideoSampling(**self.__dict__)
+
+
+@dataclass
 class DataConfig:
+    source: str = (
+        "synthetic"  # synthetic (generated, or data.shards if given) | shards (data.shards or mixture)
+    )
     shards: list[str] = field(default_factory=list)  # webdataset URLs (brace notation ok); empty = synthetic
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    cache_dir: str = ".cache"  # generated shards and the locally built tokenizer live here
+    cache_dir: str = ".cache"  # generated shards, the locally built tokenizer, indexes of read-only shards
     max_tokens: int = 32768  # packing budget per row
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    video: VideoConfig = field(default_factory=VideoConfig)
     system_prompt: str | None = None
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # record references per slot (nothing is read while a record waits here)
     num_workers: int = 0
+    # Virtual slots (data/loader.py): the stream position is theirs, so a run resumes exactly on any world size
+    # and num_workers whose product divides num_slots. Fixed for a run.
+    num_slots: int = 8
     error_policy: str = "skip"  # raise | skip (eval data always raises)
     max_skip_fraction: float = 0.05
     seed: int = 0
@@ -98,6 +130,13 @@ class DataConfig:
     mixture: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _one_of(self.source, ("synthetic", "shards"), "data.source")
+        _require(
+            self.source != "shards" or bool(self.shards) or bool(self.mixture),
+            "data.shards",
+            "data=shards needs shard URLs: data.shards=[...] (or data.mixture=[...]); "
+            "make shards with `python -m data.convert`",
+        )
         _require(self.max_tokens >= 64, "data.max_tokens", f"must be >= 64, got {self.max_tokens}")
         for i, m in enumerate(self.mixture):
             ok = hasattr(m, "get") and m.get("shards") and isinstance(m.get("weight"), (int, float))
@@ -114,6 +153,13 @@ class DataConfig:
         _one_of(self.error_policy, ERROR_POLICIES, "data.error_policy")
         _require(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.num_slots >= 1, "data.num_slots", f"must be >= 1, got {self.num_slots}")
+        _require(
+            self.num_slots % max(1, self.num_workers) == 0,
+            "data.num_slots",
+            f"{self.num_slots} slots cannot be split evenly over num_workers={self.num_workers}",
+        )
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
 
 @dataclass

@@ -68,7 +68,7 @@ def resolve_precision(precision: str) -> str:
     return precision  # bf16 on CPU is allowed: slow, but it runs the GPU's dtype path (the CI proxy)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     t, ds = cfg.trainer, cfg.deepspeed
     zero: dict = {"stage": ds.stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
     if ds.offload_optimizer:
@@ -88,6 +88,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming on another world size: model + optimizer from a universal checkpoint
+        config["checkpoint"] = {"load_universal": True}
     return _deep_merge(config, dict(ds.overrides))
 
 
@@ -98,7 +100,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int):
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """DeepSpeed engine over `module` with AdamW (no decay on norms/biases) and cosine-to-min-LR schedule."""
     import deepspeed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -114,7 +116,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int):
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, load_universal),
         dist_init_required=False,
     )
     return engine, optimizer, scheduler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.loader import PackedRowStream, ResumableLoader
+from data.loader import PackedRowStream, ResumableLoader, video_report
 from data.processing import SampleProcessor
 from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
@@ -114,7 +115,7 @@ def make_processor(cfg: TrainConfig, d: Dist) -> VLProcessor:
 
 
 def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:
-    if cfg.data.shards:
+    if cfg.data.shards:  # data=shards without shards or mixture fails validation (naming data.shards)
         return list(cfg.data.shards)
     s = cfg.data.synthetic
     return _rank0_first(
@@ -127,6 +128,23 @@ def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:
             max_image_size=s.max_image_size,
             seed=s.seed,
         ),
+    )
+
+
+def make_sample_processor(
+    cfg: TrainConfig, processor: VLProcessor, encoding, pixels: str = "uint8"
+) -> SampleProcessor:
+    """Training rows carry uint8 pixels (expanded on the device, data/pixels.py); eval and probes use float32."""
+    return SampleProcessor(
+        processor,
+        encoding,
+        max_tokens=cfg.data.max_tokens,
+        layout=cfg.rope_layout(),
+        system_prompt=cfg.data.system_prompt,
+        dipe=cfg.rope.dipe,
+        video=cfg.data.video.sampling(),
+        pixels=pixels,
+        seed=cfg.data.seed,
     )
 
 
@@ -181,43 +199,51 @@ def build_session(cfg: TrainConfig) -> Session:
         model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
     )
     objective = SFTObjective(model, zero_stage=cfg.deepspeed.stage, balance_vision=d.world_size > 1)
-    engine, _, _ = build_engine(objective, cfg, d.world_size)
 
     fingerprint = config_fingerprint(flat)
-    start_step, rank_state, changes = 0, {}, []
     latest = ckpt.latest()
     if cfg.trainer.resume == "must" and latest is None:
         raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
+    manifest = None
     if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
         manifest = ckpt.check_compatible(latest, fingerprint)
-        rank_state = ckpt.load(engine, latest)
-        start_step = rank_state["step"]
-        changes = changed_settings(flatten(manifest.get("train_config", {})), flat)
-        if any(c.startswith("changed: trainer.optim.") for c in changes):
-            apply_optim_config(engine, cfg.trainer.optim)
+    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
+    # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
+    resized = manifest is not None and manifest["world_size"] != d.world_size
+    if resized:
+        PackedRowStream.check_slots(cfg.data.num_slots, d.world_size, cfg.data.num_workers)
+        ckpt.universal(latest)
+    engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
+    rank_state = ckpt.load(engine, latest, manifest) if manifest is not None else {}
+    start_step = rank_state.get("step", 0)
+    changes = (
+        changed_settings(flatten(manifest.get("train_config", {})), flat) if manifest is not None else []
+    )
+    if any(c.startswith("changed: trainer.optim.") for c in changes):
+        apply_optim_config(engine, cfg.trainer.optim)
 
-    sample_processor = SampleProcessor(
-        processor,
-        encoding,
-        max_tokens=cfg.data.max_tokens,
-        layout=cfg.rope_layout(),
-        system_prompt=cfg.data.system_prompt,
-        dipe=cfg.rope.dipe,
-    )
+    sample_processor = make_sample_processor(cfg, processor, encoding)
     mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
-    stream = PackedRowStream(
-        None if mixture else shard_urls(cfg, d),
-        sample_processor,
-        max_tokens=cfg.data.max_tokens,
-        seed=cfg.data.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        error_policy=cfg.data.error_policy,
-        mixture=mixture or None,
+    stream = _rank0_first(  # rank 0 builds missing shard indexes, the others read them
+        d,
+        lambda: PackedRowStream(
+            None if mixture else shard_urls(cfg, d),
+            sample_processor,
+            max_tokens=cfg.data.max_tokens,
+            seed=cfg.data.seed,
+            rank=d.rank,
+            world_size=d.world_size,
+            num_slots=cfg.data.num_slots,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            error_policy=cfg.data.error_policy,
+            mixture=mixture or None,
+            index_cache_dir=cfg.data.cache_dir,
+            log=print if d.is_main else (lambda _: None),
+        ),
     )
-    # The checkpoint holds the exact stream position (per worker: shard cursors, RNG states, the records held
-    # in the shuffle buffer and the packer), so the resumed run sees exactly the rows an uninterrupted one would.
+    # The checkpoint holds the exact stream position (per virtual slot: shard cursors, RNG states, the record
+    # references held in the shuffle buffer and the packer), so the resumed run sees exactly the rows an
+    # uninterrupted one would, on this world size and worker count or another.
     data_state = rank_state.get("data")
     if start_step and data_state is None:
         raise ValueError(
@@ -230,12 +256,23 @@ def build_session(cfg: TrainConfig) -> Session:
         f"run dir: {run_dir}  world size: {d.world_size}  rope: {cfg.rope.name}"
         f"{' + DIPE' if cfg.rope.dipe else ''}  resume: {'step ' + str(start_step) if start_step else 'fresh'}"
     )
+    if resized:
+        metrics.print(
+            f"  resumed step {start_step} of world size {manifest['world_size']} on world size {d.world_size}: model "
+            f"and optimizer from {latest / 'universal'}, data position from {cfg.data.num_slots} virtual slots"
+        )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
     for change in changes:  # resumed with other settings than the checkpoint's: say which, they apply now
         metrics.print(change)
+    for line in video_report(stream):
+        metrics.print(line)
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
     trainer.tokens_seen = rank_state.get("tokens_seen", 0)
+    trainer.records = rank_state.get("records", 0)
+    trainer.skipped.update(rank_state.get("skipped", {}))
+    for url, reasons in rank_state.get("skipped_shards", {}).items():
+        trainer.skipped_shards.setdefault(url, Counter()).update(reasons)
     peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
     metrics.print(
         f"MFU against {peak_tflops:g} TFLOP/s per device"
@@ -251,7 +288,8 @@ def build_session(cfg: TrainConfig) -> Session:
         from mmrope.train.eval import Evaluator, eval_shard_urls
 
         urls = eval_shard_urls(cfg, rank0_first=lambda fn: _rank0_first(d, fn))
-        trainer.evaluator = Evaluator(cfg, engine.module, sample_processor, encoding, urls, d.device)
+        eval_processor = make_sample_processor(cfg, processor, encoding, pixels="float32")
+        trainer.evaluator = Evaluator(cfg, engine.module, eval_processor, encoding, urls, d.device)
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 

@@ -127,3 +127,50 @@ def test_peak_tflops_is_detected_by_default_and_settable():
     assert validate(compose_cfg(["trainer.peak_tflops=400"])).trainer.peak_tflops == 400
     with pytest.raises(ValueError, match="`trainer.peak_tflops`"):
         validate(compose_cfg(["trainer.peak_tflops=0"]))
+
+
+def test_data_shards_without_shards_fails_naming_the_key():
+    """`data=shards` alone used to train silently on the synthetic set."""
+    with pytest.raises(ValueError, match=r"`data\.shards`"):
+        validate(compose_cfg(["data=shards"]))
+    with pytest.raises(ValueError, match=r"`data\.shards`"):
+        validate(compose_cfg(["data=shards", "data.shards=[]"]))
+
+
+def readme_data_commands() -> list[str]:
+    """Every `python train.py ...` command of the README that sets data.shards or data.mixture, verbatim."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in text.split("```")[1::2]:  # fenced code blocks
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("python train.py") and ("data.shards=" in line or "data.mixture=" in line):
+                commands.append(line)
+    return commands
+
+
+def test_readme_brace_and_mixture_commands_work_verbatim():
+    import shlex
+
+    import braceexpand
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    commands = readme_data_commands()
+    assert any("{" in c and "data.shards=" in c for c in commands), "the README lost its brace example"
+    assert any("data.mixture=" in c for c in commands), "the README lost its mixture example"
+    parser = OverridesParser.create()
+    for command in commands:
+        overrides = [a for a in shlex.split(command)[2:] if "=" in a and not a.startswith("-")]
+        parsed = parser.parse_overrides(overrides)  # Hydra's own grammar: raises on what the shell hands it
+        # A multirun's sweep (rope=mrope,vanilla) is one job per value; the data settings are what is checked here.
+        cfg = validate(compose_cfg([o.input_line for o in parsed if not o.is_sweep_override()]))
+        assert cfg.data.shards or cfg.data.mixture, command
+        urls = [u for pattern in cfg.data.shards for u in braceexpand.braceexpand(pattern)]
+        urls += [
+            u for m in cfg.data.mixture for pattern in m["shards"] for u in braceexpand.braceexpand(pattern)
+        ]
+        if "{0" in command:  # a brace range (not the mixture's own braces) expands to more URLs than patterns
+            assert len(urls) > len(cfg.data.shards) + len(cfg.data.mixture), (
+                f"no brace range expanded: {command}"
+            )
+        assert all("{" not in u for u in urls)

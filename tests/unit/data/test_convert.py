@@ -259,7 +259,7 @@ def test_cli_accepts_a_few_rejects_and_refuses_nothing_converted(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "47 samples" in ok.stdout and "1 of 48 records rejected" in ok.stdout
     # it says how to train on what it wrote: a data.shards value that expands to exactly its shards
-    from data.loader import expand_urls
+    from data.index import expand_urls
 
     (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", ok.stdout)
     assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
@@ -305,3 +305,73 @@ def test_progress_counts_every_record_and_quiet_shows_none(tmp_path, capsys):
     )
     out = capsys.readouterr()
     assert out.err == "" and "4 samples" in out.out and "6 of 10 records rejected" in out.out
+
+
+def _mp4(num_frames: int, fps: int, size=(64, 48)) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(num_frames):
+            for packet in stream.encode(av.VideoFrame.from_image(Image.new("RGB", size, (8 * i, 0, 0)))):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_video_files_are_accepted_indexed_and_reported(tmp_path, tiny_processor):
+    from data import index as shard_index
+    from data.loader import PackedRowStream
+    from data.processing import SampleProcessor
+    from data.video import QWEN_VIDEO
+    from mmrope.encodings import build
+
+    (tmp_path / "clip.mp4").write_bytes(_mp4(30, 10))  # 3 s at 10 fps
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom broken")
+    (tmp_path / "x.png").write_bytes(_png(64, 56, (200, 0, 0)))
+    turns = [{"from": "human", "value": "<video>What happens?"}, {"from": "gpt", "value": "It turns red."}]
+    rows = [
+        {"id": "file", "video": "clip.mp4", "conversations": turns},
+        {"id": "files", "videos": ["clip.mp4", "clip.mp4"], "conversations": [
+            {"from": "human", "value": "<video><video>Same?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "frames", "video": ["x.png", "x.png"], "conversations": turns},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "?"}]},
+                      {"role": "assistant", "content": "Red."}], "id": "parts"},
+        {"id": "broken", "video": "broken.mp4", "conversations": turns},
+        {"id": "missing", "video": "nope.webm", "conversations": turns},
+    ]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    index = convert([tmp_path / "d.jsonl"], tmp_path, out, progress=False)
+    assert index["num_samples"] == 4 and index["rejected"] == {"bad_video": 1, "missing_video": 1}
+    by_id = {json.loads(r["json"])["id"]: r for r in _read(out).values()}
+    part = json.loads(by_id["file"]["json"])["messages"][0]["content"][0]
+    assert part == {"type": "video", "video": "vid0.mp4"}
+    assert by_id["file"]["vid0.mp4"] == (tmp_path / "clip.mp4").read_bytes()
+    assert sorted(k for k in by_id["files"] if k.startswith("vid")) == ["vid0.mp4", "vid1.mp4"]
+
+    # Every shard has a valid index with the videos' frame counts.
+    (shard,) = sorted(out.glob("shard-*.tar"))
+    idx = shard_index.load(shard_index.candidates(str(shard), None)[0], str(shard))
+    assert sorted(v["frames"] for r in idx.records for v in r.get("videos", {}).values()) == [30, 30, 30, 30]
+    # The report, per video file, at Qwen2.5-VL's sampling. By hand: 3 s x fps 2 = 6 frames (>= 4), effective
+    # fps 6 / 30 * 10 = 2; 64x48 frames are scaled up to >= 100352 px: factor sqrt(100352 / 3072) = 5.72 ->
+    # ceil(48 * 5.72 / 28) * 28 = 280, ceil(64 * 5.72 / 28) * 28 = 392 -> grid 3 x 20 x 28 -> 420 tokens.
+    report = [json.loads(line) for line in (out / "videos.jsonl").read_text().splitlines()]
+    assert len(report) == 4
+    assert {(r["source_frames"], r["source_fps"], r["frames"], r["effective_fps"], r["visual_tokens"]) for r in report} == {
+        (30, 10.0, 6, 2.0, 420)
+    }  # fmt: skip
+    assert index["videos"]["num"] == 4 and index["videos"]["visual_tokens"] == [420, 420]
+
+    # The converted shard trains: with Qwen's sampling the file videos give 3 x 20 x 28 grids.
+    proc = SampleProcessor(
+        tiny_processor, build("mrope"), max_tokens=4096, layout="qwen2_5", video=QWEN_VIDEO
+    )
+    rows_out = list(PackedRowStream([str(shard)], proc, max_tokens=4096, epochs=1))
+    assert sum(r["num_samples"] for r in rows_out) == 4 and not any(r["skipped"] for r in rows_out)
+    grids = sorted(g for r in rows_out for g in r["video_grid_thw"].tolist())
+    assert grids.count([3, 20, 28]) == 4
