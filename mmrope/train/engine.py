@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# A DeepSpeed op build (the CPU shared-memory all-reduce is built on first use) takes 1-3 minutes. A build killed
+# midway leaves torch's `lock` file behind, and every later run would wait on it forever without a word.
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove (and say so) torch extension build locks older than `max_age_s`: leftovers of killed builds."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed a stale op build lock left by a killed build: {lock}", flush=True)
+        except FileNotFoundError:  # another rank removed it first
+            continue
+    return removed
+
+
 def init_distributed() -> Dist:
     """Join the process group started by torchrun / deepspeed / srun (or a 1-process group), gloo on CPU."""
     import deepspeed
@@ -40,6 +64,7 @@ def init_distributed() -> Dist:
     if "RANK" not in os.environ:  # plain `python train.py`: a group of one, on a port the OS says is free
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
