@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export WANDB_MODE ?= offline
+# DeepSpeed builds some ops on first use (CPU shared-memory all-reduce, CPU Adam): keep them with the torch of this
+# venv, so a clean clone never meets builds (or a killed build's lock) from another torch in ~/.cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export PYTHONPATH := $(CURDIR):$(PYTHONPATH)
 PYTEST_ARGS ?=
 

@@ -1,10 +1,11 @@
 """Convert LLaVA / ShareGPT / messages JSON(L) into the project's webdataset shards.
 
     python -m data.convert --input llava.json --image-root /data/images --out /data/shards \\
-        [--format auto|llava|sharegpt|messages] [--max-shard-bytes 1e9] [--max-shard-samples 100000]
+        [--format auto|llava|sharegpt|messages] [--max-shard-bytes 1e9] [--max-shard-samples 100000] \\
+        [--max-reject-fraction 0.05] [--quiet]
 
 Input records (one JSON list, or JSONL):
-  llava     {"id": .., "image": "a.jpg" | ["a.jpg", ...], "video": ["f0.jpg", ...] (frames),
+  llava     {"id": .., "image": "a.jpg" | ["a.jpg", ...], "video": "clip.mp4" (a file) | ["f0.jpg", ...] (frames),
              "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": ..}]}
   sharegpt  the same turns under "conversations" (or "messages" with from/value), images under "images"
   messages  {"messages": [{"role": "user", "content": "<image>.." | [{"type": "image", "image": "a.jpg"},
@@ -13,13 +14,19 @@ Input records (one JSON list, or JSONL):
 images get the missing ones at the start of the first user turn.
 
 Output, per accepted record: `<key>.json` {"messages": [...], "id": original id} whose image parts reference
-members `<key>.img0.<ext>` (bytes copied unchanged), video parts `{"type": "video", "video": [frame members]}`
-(`<key>.vid0.f000.<ext>`, ...). Videos train in both layouts (data/video.py): one
-contiguous block (Qwen2.5-VL) or per-frame blocks with timestamps (Qwen3-VL).
+members `<key>.img0.<ext>` (bytes copied unchanged), video parts `{"type": "video", "video": "vid0.mp4"}` for a
+video file (mp4/webm/mkv/mov/avi/m4v, bytes copied unchanged, checked with PyAV) or `{"type": "video", "video":
+[frame members]}` (`<key>.vid0.f000.<ext>`, ...) for a frame list. Videos train in both layouts
+(data/video.py): one contiguous block (Qwen2.5-VL) or per-frame blocks with timestamps (Qwen3-VL).
 `--max-shard-bytes` bounds the member payload per shard (webdataset's ShardWriter maxsize; tar headers add
-~1 KiB per member on top). Also written: `index.json` (per-shard sample counts, rejects by reason) and `rejected.jsonl` (one line per
-rejected record: index, id, reason, detail). Reasons: bad_json, bad_structure, missing_image, bad_image,
-placeholder_mismatch.
+~1 KiB per member on top). Also written: `index.json` (per-shard sample counts, rejects by reason, a summary of
+the videos), `rejected.jsonl` (one line per rejected record: index, id, reason, detail), one `<shard>.idx` per
+shard (data/index.py: byte offsets, image sizes, video frame counts; token counts with `--processor`) and, when
+there are video files, `videos.jsonl` (per video: source frames and fps, and the frames, effective fps and
+visual tokens it trains with at Qwen2.5-VL's sampling defaults, `data.video` of configs/data/shards.yaml).
+Reasons: bad_json, bad_structure, missing_image, bad_image, missing_video, bad_video, placeholder_mismatch.
+The CLI exits with status 1 (after writing everything) when nothing was converted or more than
+`--max-reject-fraction` of the records were rejected; `--quiet` drops the progress bar.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +44,10 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from data.video import QWEN_VIDEO, VIDEO_EXTENSIONS, describe, probe
+
 FORMATS = ("auto", "llava", "sharegpt", "messages")
+DEFAULT_MAX_REJECT_FRACTION = 0.05  # a few missing or broken images are normal; most of a data set is not
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
@@ -75,12 +86,23 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _turn_list(rec: dict, keys: tuple[str, ...]) -> list:
+    """The record's list of turns under the first of `keys` it has; Reject saying what is wrong with it."""
+    key = next((k for k in keys if k in rec), None)
+    if key is None:
+        raise Reject("bad_structure", f"no {' or '.join(repr(k) for k in keys)} field")
+    turns = rec[key]
+    if not isinstance(turns, list):
+        raise Reject("bad_structure", f"{key!r} is a {type(turns).__name__}, not a list of turns")
+    if not turns:
+        raise Reject("bad_structure", f"{key!r} is an empty list")
+    return turns
+
+
 def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
     """(role, content) pairs; content is a string or (messages format) a list of parts."""
     if fmt in ("llava", "sharegpt"):
-        turns = rec.get("conversations", rec.get("messages"))
-        if not isinstance(turns, list) or not turns:
-            raise Reject("bad_structure", "no 'conversations' list")
+        turns = _turn_list(rec, ("conversations", "messages"))
         out = []
         for t in turns:
             if (
@@ -93,9 +115,7 @@ def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
         if rec.get("system") and out[0][0] != "system":
             out.insert(0, ("system", str(rec["system"])))
         return out
-    turns = rec.get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise Reject("bad_structure", "no 'messages' list")
+    turns = _turn_list(rec, ("messages",))
     out = []
     for t in turns:
         if (
@@ -122,6 +142,22 @@ def _read_image(root: Path, ref: str) -> tuple[bytes, str]:
     return blob, re.sub(r"[^a-z0-9]", "", ext) or "jpg"
 
 
+def _read_video(root: Path, ref: str) -> tuple[bytes, str]:
+    path = Path(ref) if os.path.isabs(ref) else root / ref
+    if not path.is_file():
+        raise Reject("missing_video", str(ref))
+    blob = path.read_bytes()
+    try:
+        probe(blob)  # a container with a decodable-looking video stream
+    except Exception as e:  # PyAV raises its own error types for corrupt data
+        raise Reject("bad_video", f"{ref}: {e}") from e
+    return blob, path.suffix.lower().lstrip(".")
+
+
+def _is_video_file(ref) -> bool:
+    return isinstance(ref, str) and ref.lower().rsplit(".", 1)[-1] in VIDEO_EXTENSIONS
+
+
 def convert_record(rec: dict, fmt: str, image_root: Path, key: str) -> dict:
     """One source record -> one webdataset sample dict (`__key__`, `json`, media members). Raises Reject."""
     if not isinstance(rec, dict):
@@ -130,13 +166,18 @@ def convert_record(rec: dict, fmt: str, image_root: Path, key: str) -> dict:
     turns = _turns(rec, fmt)
     images = _as_list(rec.get("image")) + _as_list(rec.get("images"))
     videos = rec.get("video", rec.get("videos"))
-    videos = (
-        [videos] if videos and isinstance(videos, list) and isinstance(videos[0], str) else _as_list(videos)
-    )
+    if isinstance(videos, list) and videos and all(isinstance(v, str) for v in videos):
+        # a list of paths: video files (all with a video extension), or the frames of one video
+        videos = list(videos) if all(_is_video_file(v) for v in videos) else [videos]
+    else:
+        videos = _as_list(videos)
     if not all(isinstance(r, str) for r in images) or not all(
-        isinstance(v, list) and v and all(isinstance(f, str) for f in v) for v in videos
+        _is_video_file(v) or (isinstance(v, list) and v and all(isinstance(f, str) for f in v))
+        for v in videos
     ):
-        raise Reject("bad_structure", "images must be paths; videos must be lists of frame paths")
+        raise Reject(
+            "bad_structure", "images must be paths; videos must be video file paths or lists of frame paths"
+        )
     if not any(role == "assistant" for role, _ in turns):
         raise Reject("bad_structure", "no assistant turn")
 
@@ -158,7 +199,7 @@ def convert_record(rec: dict, fmt: str, image_root: Path, key: str) -> dict:
         sample[f"img{n}.{ext}"] = blob
         return {"type": "image", "image": f"img{n}.{ext}"}
 
-    def video_part(frames: list[str] | None = None) -> dict:
+    def video_part(frames: list[str] | str | None = None) -> dict:
         if frames is None:
             i = next(media["video"], None)
             if i is None:
@@ -168,6 +209,10 @@ def convert_record(rec: dict, fmt: str, image_root: Path, key: str) -> dict:
             frames = videos[i]
         n = used["video"]
         used["video"] += 1
+        if isinstance(frames, str):  # a video file: copied as one member, sampled at training time
+            blob, ext = _read_video(image_root, frames)
+            sample[f"vid{n}.{ext}"] = blob
+            return {"type": "video", "video": f"vid{n}.{ext}"}
         names = []
         for j, ref in enumerate(frames):
             blob, ext = _read_image(image_root, ref)
@@ -200,7 +245,8 @@ def convert_record(rec: dict, fmt: str, image_root: Path, key: str) -> dict:
                     parts.append(image_part(ref) if isinstance(ref, str) else image_part())
                 elif kind == "video":
                     frames = p.get("video")
-                    parts.append(video_part(frames) if isinstance(frames, list) else video_part())
+                    given = isinstance(frames, list) or _is_video_file(frames)
+                    parts.append(video_part(frames) if given else video_part())
                 else:
                     raise Reject("bad_structure", f"unknown content part {p!r:.80}")
         elif role == "user" and PLACEHOLDER.search(content):
@@ -242,8 +288,11 @@ def convert(
     max_shard_bytes: float = 1e9,
     max_shard_samples: int = 100_000,
     progress: bool = True,
+    processor: str | None = None,
 ) -> dict:
-    """Write shards + index.json + rejected.jsonl under out_dir; returns the index."""
+    """Write shards + per-shard indexes + index.json + rejected.jsonl (+ videos.jsonl) under out_dir; returns
+    the summary index. `processor`: a local tokenizer + image processor directory; the shard indexes then hold
+    exact token counts for it."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     if max_shard_bytes <= 0 or max_shard_samples <= 0:
@@ -263,7 +312,6 @@ def convert(
         bar = tqdm(desc="convert", unit="rec", disable=not progress)
         for source in inputs:
             for index, rec, error in read_records(source):
-                bar.update(1)
                 try:
                     if rec is None:
                         raise Reject("bad_json", error)
@@ -279,11 +327,13 @@ def convert(
                         "detail": e.detail,
                     }
                     report.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-                    continue
-                sink.write(sample)
-                per_shard[Path(sink.fname).name] += 1
-                num_written += 1
-                bar.set_postfix(ok=num_written, rejected=sum(rejected.values()))
+                else:
+                    sink.write(sample)
+                    per_shard[Path(sink.fname).name] += 1
+                    num_written += 1
+                # counts after every record, rejected ones included (the bar shows the last state it got)
+                bar.set_postfix(ok=num_written, rejected=sum(rejected.values()), refresh=False)
+                bar.update(1)
         bar.close()
     # ShardWriter opens its first shard eagerly: drop it if nothing went in.
     for tar in out_dir.glob("shard-*.tar"):
@@ -291,12 +341,86 @@ def convert(
             tar.unlink()
     index = {
         "shards": [{"name": name, "num_samples": n} for name, n in sorted(per_shard.items())],
+        "num_records": num_written + sum(rejected.values()),
         "num_samples": num_written,
         "num_rejected": sum(rejected.values()),
         "rejected": dict(rejected),
+        "videos": index_shards(out_dir, sorted(per_shard), processor),
     }
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+def shards_pattern(out_dir: Path, index: dict) -> str:
+    """The written shards as one `data.shards` entry: `out/shard-000000.tar` or `out/shard-{000000..000011}.tar`."""
+    names = sorted(s["name"] for s in index["shards"])
+    numbers = [n.removeprefix("shard-").removesuffix(".tar") for n in names]
+    if len(numbers) == 1:
+        return str(out_dir / names[0])
+    return str(out_dir / f"shard-{{{numbers[0]}..{numbers[-1]}}}.tar")
+
+
+def too_many_rejects(index: dict, max_reject_fraction: float) -> str | None:
+    """Why the conversion failed (nothing converted, or rejects above the limit), or None."""
+    num_records, num_rejected = index["num_records"], index["num_rejected"]
+    if index["num_samples"] == 0:
+        return f"no record could be converted ({num_rejected} of {num_records} rejected)"
+    if num_rejected > max_reject_fraction * num_records:
+        return (
+            f"{num_rejected} of {num_records} records rejected ({num_rejected / num_records:.1%}) > "
+            f"--max-reject-fraction={max_reject_fraction:g}"
+        )
+    return None
+
+
+def index_shards(out_dir: Path, names: list[str], processor: str | None = None) -> dict:
+    """Write each shard's index (data/index.py) and `videos.jsonl`; returns a summary of the video files."""
+    from data import index as shard_index
+
+    planner = None
+    if processor is not None:
+        from data.processing import SampleProcessor
+        from data.processor import load_processor
+        from mmrope.encodings import build
+
+        planner = SampleProcessor(
+            load_processor(processor), build("mrope"), max_tokens=1 << 30, layout="qwen2_5", video=QWEN_VIDEO
+        )
+    lines = []
+    for name in names:
+        idx = shard_index.build(str(out_dir / name), planner)
+        shard_index.write(idx, shard_index.candidates(str(out_dir / name), None)[0])
+        for rec in idx.records:
+            for member, meta in rec.get("videos", {}).items():
+                line = {"shard": name, "key": rec["key"], "member": member}
+                if meta:
+                    line.update(
+                        source_frames=meta["frames"],
+                        source_fps=meta["fps"],
+                        size=[meta["width"], meta["height"]],
+                    )
+                    try:
+                        line.update(describe(shard_index.VideoMeta(**meta), QWEN_VIDEO))
+                    except ValueError as e:
+                        line["error"] = str(e)
+                lines.append(line)
+    if not lines:
+        return {"num": 0}
+    with open(out_dir / "videos.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    ok = [line for line in lines if "frames" in line]
+
+    def span(key: str) -> list:
+        return [min(line[key] for line in ok), max(line[key] for line in ok)] if ok else []
+
+    return {
+        "num": len(lines),
+        "sampling": QWEN_VIDEO.__dict__,
+        "frames": span("frames"),
+        "effective_fps": span("effective_fps"),
+        "visual_tokens": span("visual_tokens"),
+        "cannot_sample": len(lines) - len(ok),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,7 +431,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--format", default="auto", choices=FORMATS)
     ap.add_argument("--max-shard-bytes", type=float, default=1e9)
     ap.add_argument("--max-shard-samples", type=int, default=100_000)
+    ap.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=DEFAULT_MAX_REJECT_FRACTION,
+        help="exit with status 1 when more records than this fraction are rejected (outputs are still written)",
+    )
+    ap.add_argument("--quiet", action="store_true", help="no progress bar (for logs that are not a terminal)")
+    ap.add_argument(
+        "--processor", default=None, help="local tokenizer + image processor: token counts in indexes"
+    )
     args = ap.parse_args(argv)
+    if not 0 <= args.max_reject_fraction <= 1:
+        ap.error(f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}")
     index = convert(
         args.input,
         args.image_root,
@@ -315,11 +451,25 @@ def main(argv: list[str] | None = None) -> None:
         fmt=args.format,
         max_shard_bytes=args.max_shard_bytes,
         max_shard_samples=args.max_shard_samples,
+        progress=not args.quiet,
+        processor=args.processor,
     )
     print(
         f"{index['num_samples']} samples in {len(index['shards'])} shard(s) under {args.out}; "
-        f"{index['num_rejected']} rejected {index['rejected']} (see rejected.jsonl)"
+        f"{index['num_rejected']} of {index['num_records']} records rejected {index['rejected']} "
+        "(see rejected.jsonl)"
     )
+    v = index["videos"]
+    if v["num"]:
+        print(
+            f"{v['num']} video files (see videos.jsonl): {v['frames']} frames, effective fps {v['effective_fps']}, "
+            f"{v['visual_tokens']} visual tokens per video at Qwen2.5-VL's sampling (data.video)"
+        )
+    if index["shards"]:
+        print(f"train on them: python train.py data=shards 'data.shards=[{shards_pattern(args.out, index)}]'")
+    failure = too_many_rejects(index, args.max_reject_fraction)
+    if failure is not None:
+        sys.exit(f"data.convert: {failure}; reasons per record in {args.out / 'rejected.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A row is a plain dict of tensors (batch dimension 1):
   input_ids [1, L], labels [1, L] (unshifted), position_ids [3, 1, L] (per-sample positions, concatenated),
   cu_seqlens [S+1] int32 (sample boundaries), pixel_values [P, C] or absent, image_grid_thw [I, 3],
-  static_position_ids [3, 1, L] with DIPE, visual_mask [1, L] bool, num_samples int.
+  static_position_ids [3, 1, L] with DIPE, visual_mask [1, L] bool, num_samples int; with uint8 pixels also
+  pixel_table [C, 256] (data/pixels.py expands them on the device).
 Rows are not padded: attention and the loss work on cu_seqlens, so padding would only cost compute.
 """
 
@@ -20,8 +21,9 @@ class BestFitPacker:
     """Streaming best-fit: keep up to `num_open` partially filled rows; put each sample into the open row it
     fills most tightly; emit the fullest row when the pool overflows (and everything at the end).
 
-    Deterministic for a given input order. The open rows are part of the loader's resumable state: the loader
-    saves their samples' (url, key) names and rebuilds `rows` from them (see data/loader.py).
+    Works on anything with `num_tokens` and `key`: the loader packs record references whose token counts were
+    planned without decoding (data/loader.py), and only reads and processes a row's records once it is complete.
+    Deterministic for a given input order.
     """
 
     def __init__(self, max_tokens: int, num_open: int = 8):
@@ -70,7 +72,13 @@ def pack(samples: Iterable[Sample], max_tokens: int, num_open: int = 8) -> Itera
     yield from packer.flush()
 
 
-def collate_row(samples: list[Sample], *, image_token_id: int, video_token_id: int) -> dict:
+def collate_row(
+    samples: list[Sample],
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    pixel_table: torch.Tensor | None = None,
+) -> dict:
     """Concatenate samples into one packed row (positions stay per sample: they restart at 0 in each)."""
     input_ids = torch.cat([s.input_ids for s in samples])
     lengths = torch.tensor([0] + [s.num_tokens for s in samples])
@@ -92,6 +100,8 @@ def collate_row(samples: list[Sample], *, image_token_id: int, video_token_id: i
         row["pixel_values_videos"] = torch.cat(videos)
         row["video_grid_thw"] = torch.cat([s.video_grid_thw for s in samples]).long()
         row["second_per_grid_ts"] = torch.cat([s.second_per_grid_ts for s in samples])
+    if pixel_table is not None and ("pixel_values" in row or "pixel_values_videos" in row):
+        row["pixel_table"] = pixel_table
     if samples[0].static_position_ids is not None:
         row["static_position_ids"] = torch.cat([s.static_position_ids for s in samples], dim=-1)[:, None]
     return row

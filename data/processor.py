@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from mmrope.model.config import ModelConfig
 
 # The Qwen2-VL family's special tokens (same strings as the real vocabulary; ids differ in the tiny tokenizer).
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -109,6 +112,27 @@ def load_processor(
     return VLProcessor(tokenizer=tokenizer, image_processor=image_processor)
 
 
+def processor_for(
+    model: ModelConfig, *, cache_dir: str | os.PathLike, min_pixels: int, max_pixels: int
+) -> VLProcessor:
+    """The processor a model config trains with: the locally built tiny one (under `cache_dir`), or the one
+    of the checkpoint (`model.tokenizer_path`, else the VLM checkpoint's)."""
+    if model.kind == "tiny" and not model.tokenizer_path:
+        from data.synthetic import corpus
+
+        return build_tiny_processor(
+            Path(cache_dir) / "tiny_processor",
+            corpus(),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            patch_size=model.tiny.patch_size,
+            merge_size=model.tiny.spatial_merge_size,
+            temporal_patch_size=model.tiny.temporal_patch_size,
+        )
+    path = model.tokenizer_path or (model.path if model.kind == "pretrained" else model.vision_path)
+    return load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
 def build_tiny_processor(
     path: str | os.PathLike,
     corpus: Iterable[str],
@@ -122,9 +146,10 @@ def build_tiny_processor(
 ) -> VLProcessor:
     """Train a small byte-level BPE on `corpus`, add the Qwen special tokens, save tokenizer + image processor.
 
-    Idempotent: if `path` already holds a processor built with the same settings it is loaded instead.
+    Idempotent: if `path` already holds a processor built with the same settings it is loaded instead. Safe
+    when several processes start at once: a file lock (`<path>.lock`) lets one build it, the others load it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from filelock import FileLock
 
     path = Path(path)
     settings = {
@@ -138,12 +163,23 @@ def build_tiny_processor(
     stamp = path / "mmrope_processor.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return load_processor(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        if stamp.exists() and json.loads(stamp.read_text()) == settings:  # built while we waited
+            return load_processor(path)
+        _train_tiny_processor(path, corpus, settings)
+    return load_processor(path)
+
+
+def _train_tiny_processor(path: Path, corpus: Iterable[str], settings: dict) -> None:
+    """Train the BPE, save tokenizer + image processor to `path.tmp`, then rename it to `path` (atomic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=settings["vocab_size"],
         special_tokens=SPECIAL_TOKENS,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -158,19 +194,16 @@ def build_tiny_processor(
         chat_template=CHAT_TEMPLATE,
     )
     image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=temporal_patch_size,
+        size={"shortest_edge": settings["min_pixels"], "longest_edge": settings["max_pixels"]},
+        patch_size=settings["patch_size"],
+        merge_size=settings["merge_size"],
+        temporal_patch_size=settings["temporal_patch_size"],
     )
     processor = VLProcessor(tokenizer=tokenizer, image_processor=image_processor)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted build (we hold the lock)
+    tmp.mkdir(parents=True)
     processor.save(tmp)
     (tmp / "mmrope_processor.json").write_text(json.dumps(settings))
-    if path.exists():  # stale settings: replace atomically
-        import shutil
-
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)  # stale settings
     os.replace(tmp, path)
-    return load_processor(path)

@@ -7,7 +7,9 @@ Each sample is a webdataset record in the project's shard format (see data/READM
   `<key>.img0.png` (and img1.png, ... for multi-image samples) referenced by the "image" fields.
 
 Writing is deterministic in the seed and atomic per shard set (written to a temp dir, then renamed), so an
-interrupted generation never leaves a half-written set that later runs would trust.
+interrupted generation never leaves a half-written set that later runs would trust. An inter-process file lock
+(`<out_dir>.lock`) makes processes that start at once (a parallel sweep on a fresh machine) generate the set
+once: the others wait, then reuse it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 COLOURS = {
@@ -193,23 +196,34 @@ def write_synthetic_shards(
         "max_image_size": max_image_size,
         "seed": seed,
     }
-    if manifest.exists():
-        meta = json.loads(manifest.read_text())
-        if meta["settings"] == settings:
-            return [str(out_dir / s) for s in meta["shards"]]
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = random.Random(seed)
-    np.random.seed(seed)
-    from tqdm import tqdm
 
-    with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for i in tqdm(range(num_samples), desc="synthetic shards", unit="sample", leave=False):
-            sink.write(make_sample(rng, i, min_image_size, max_image_size))
-    shards = sorted(p.name for p in tmp.glob("shard-*.tar"))
-    counts = {s: min(samples_per_shard, num_samples - i * samples_per_shard) for i, s in enumerate(shards)}
-    (tmp / "manifest.json").write_text(json.dumps({"settings": settings, "shards": shards, "counts": counts}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return [str(out_dir / s) for s in shards]
+    def published() -> list[str] | None:
+        if manifest.exists():
+            meta = json.loads(manifest.read_text())
+            if meta["settings"] == settings:
+                return [str(out_dir / s) for s in meta["shards"]]
+        return None
+
+    if (shards := published()) is not None:
+        return shards
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir.with_name(out_dir.name + ".lock"))):
+        if (shards := published()) is not None:  # another process generated it while we waited
+            return shards
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted generation (we hold the lock)
+        tmp.mkdir()
+        rng = random.Random(seed)
+        np.random.seed(seed)
+        from tqdm import tqdm
+
+        with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
+            for i in tqdm(range(num_samples), desc="synthetic shards", unit="sample", leave=False):
+                sink.write(make_sample(rng, i, min_image_size, max_image_size))
+        names = sorted(p.name for p in tmp.glob("shard-*.tar"))
+        counts = {s: min(samples_per_shard, num_samples - i * samples_per_shard) for i, s in enumerate(names)}
+        meta = {"settings": settings, "shards": names, "counts": counts}
+        (tmp / "manifest.json").write_text(json.dumps(meta))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    return [str(out_dir / s) for s in names]

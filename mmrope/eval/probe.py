@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,11 +285,14 @@ def load_probe_samples(
     num_samples: int,
     *,
     max_tokens: int | None = None,
+    skipped: Counter | None = None,
 ) -> list[Sample]:
     """The first `num_samples` records that are image+question samples (a visual block before the first answer,
-    so distractors can be inserted) and, with `max_tokens`, at most that long. A record that cannot be
+    so distractors can be inserted) and, with `max_tokens`, at most that long. The others are counted in
+    `skipped` by reason (`no_image`: text only, `video_only`, `no_insertion_point`, `too_long`). A record that cannot be
     processed raises (evaluation data never skips silently)."""
     tokens = sample_processor.tokens
+    skipped = Counter() if skipped is None else skipped
     out: list[Sample] = []
     for record in records:
         if len(out) >= num_samples:
@@ -297,13 +301,16 @@ def load_probe_samples(
             sample = sample_processor(record)
         except SampleError as e:
             raise ValueError(f"probe data: record {record.get('__key__')!r}: {e}") from e
-        if sample.pixel_values is None:
+        if sample.pixel_values is None:  # the probe feeds images (pixel_values) only
+            skipped["video_only" if sample.pixel_values_videos is not None else "no_image"] += 1
             continue
         try:
             insertion_index(sample.input_ids, sample.labels, tokens)
         except ValueError:
+            skipped["no_insertion_point"] += 1
             continue
         if max_tokens is not None and sample.num_tokens > max_tokens:
+            skipped["too_long"] += 1
             continue
         out.append(sample)
     return out
@@ -313,7 +320,7 @@ def read_records(urls: Sequence[str]) -> Iterable[dict]:
     """Raw webdataset records of `urls` in order (brace notation expanded); a bad shard raises."""
     import webdataset as wds
 
-    from data.loader import expand_urls
+    from data.index import expand_urls
 
     for url in expand_urls(list(urls)):
         yield from wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": url}])
@@ -354,28 +361,19 @@ def _export_if_needed(path: Path) -> Path:
     return out
 
 
-def load_probe_model(path: str | Path, *, attn_backend: str = "sdpa", device: str = "cpu") -> ProbeModel:
-    """Load an exported checkpoint (`mmrope.train.export`): stock transformers class + `mmrope_encoding.json`,
-    then install its encoding (and DIPE) like training did."""
-    from data.processor import load_processor
-    from mmrope.encodings import build as build_encoding
-    from mmrope.model.install import install
+def load_probe_model(path: str | Path, *, attn_backend: str = "auto", device: str = "cpu") -> ProbeModel:
+    """Load an exported checkpoint (`mmrope.from_pretrained`: stock transformers class + `mmrope_encoding.json`,
+    its encoding (and DIPE) installed like training did)."""
+    from mmrope.pretrained import from_pretrained
 
-    model_dir = _export_if_needed(Path(path))
-    meta = json.loads((model_dir / "mmrope_encoding.json").read_text())
-    from mmrope.model.families import FAMILIES
-
-    family = FAMILIES[meta.get("model_family", "qwen2_5_vl")]
-    vlm = family.model_class.from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    encoding = build_encoding(meta["name"], **meta.get("hparams", {}))
-    install(vlm, encoding, attn_backend=attn_backend, dipe=bool(meta.get("dipe", False)))
-    label = f"{meta['name']}{' + DIPE' if meta.get('dipe') else ''}"
+    vlm, processor = from_pretrained(_export_if_needed(Path(path)), device=device, attn_backend=attn_backend)
+    label = f"{processor.encoding.name}{' + DIPE' if processor.dipe else ''}"
     return ProbeModel(
         vlm=vlm,
-        processor=load_processor(model_dir),
-        encoding=encoding,
-        dipe=bool(meta.get("dipe", False)),
-        layout=meta.get("layout") or family.layout,
+        processor=processor,
+        encoding=processor.encoding,
+        dipe=processor.dipe,
+        layout=processor.layout,
         label=label,
         path=str(path),
     )
@@ -386,13 +384,15 @@ def load_probe_model(path: str | Path, *, attn_backend: str = "sdpa", device: st
 
 
 def write_csv(path: Path, results: dict[str, dict[int, dict[int | str, float]]]) -> None:
-    with path.open("w", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")  # replaced atomically: it is rewritten after every checkpoint
+    with tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["checkpoint", "distance", "layer", "share"])
         for checkpoint, curve in results.items():
             for distance, row in curve.items():
                 for layer, share in row.items():
                     w.writerow([checkpoint, distance, layer, f"{share:.6g}"])
+    os.replace(tmp, path)
 
 
 def plot(path: Path, curves: dict[str, dict[int, float]], *, title: str) -> None:
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, dict[int | str, f
     )
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
-    p.add_argument("--attn-backend", default="sdpa")
+    p.add_argument("--attn-backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -481,16 +481,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, dict[int | str, f
         sample_processor = SampleProcessor(
             pm.processor, pm.encoding, max_tokens=args.max_tokens, layout=pm.layout, dipe=pm.dipe
         )
+        skipped: Counter = Counter()
         samples = load_probe_samples(
             read_records(args.data),
             sample_processor,
             args.num_samples,
             max_tokens=args.max_tokens - max(distances),
+            skipped=skipped,
         )
+        reasons = ", ".join(f"{k}={n}" for k, n in sorted(skipped.items()))
         if not samples:
             raise ValueError(
                 f"argument `--data`: no image+question sample fits --max-tokens={args.max_tokens}"
+                + (f" (skipped: {reasons})" if skipped else "")
             )
+        if skipped:
+            print(f"{path}: skipped {sum(skipped.values())} records before {len(samples)} usable ({reasons})")
         curve = probe_curve(
             pm.vlm,
             samples,
@@ -511,8 +517,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, dict[int | str, f
             + ", ".join(f"d={d}: {row['mean']:.4f}" for d, row in curve.items())
         )
         del pm
-    write_csv(out_dir / "probe.csv", results)
-    plot(out_dir / "probe.png", curves, title="visual fading: attention share to the image vs distance")
+        # written after every checkpoint: a run that stops later keeps what it computed
+        write_csv(out_dir / "probe.csv", results)
+        plot(out_dir / "probe.png", curves, title="visual fading: attention share to the image vs distance")
     print(f"wrote {out_dir / 'probe.csv'} and {out_dir / 'probe.png'}")
     return results
 

@@ -8,15 +8,19 @@ For every exported checkpoint (`python -m mmrope.train.export`: stock transforme
 question and any options) followed by the generation prompt, with d tokens of distractor text spliced between
 the last image and the question; the answer is generated greedily with the KV cache and scored
 (`mmrope.eval.scoring.score`). The distractors of distance d are the first d tokens of the corpus, so a longer
-distance extends a shorter one. Writes `<out>/vqa.csv` (checkpoint, distance, n, accuracy), `<out>/vqa.png`
-(accuracy vs. distance, one curve per checkpoint) and `<out>/predictions.jsonl` (one line per item and distance).
+distance extends a shorter one. Writes `<out>/vqa.csv` (checkpoint, distance, n, skipped, accuracy),
+`<out>/vqa.png` (accuracy vs. distance, one curve per checkpoint), `<out>/predictions.jsonl` (one line per item and
+distance) and `<out>/skipped.jsonl` (items that cannot be evaluated, with the reason: `no_image` for a text-only
+item, which has no image to put distractors after). Predictions are written as they are scored, the table and
+plot after every checkpoint.
 
 Data (`--data`, several allowed):
 - webdataset shards in the project format (`.tar`, brace patterns ok): `<key>.json` holds `{"messages": [...]}`
   (+ optional `"options": [...]`); the messages before the first assistant turn are the prompt, used as
   they are, and the first assistant turn's text is the answer;
 - JSON (a list, or `{"items": [...]}`) or JSONL; an item is `{"image": path | "images": [paths], "question":
-  str, "answer": str, "options": [str, ...] (optional), "id": str (optional)}`, paths relative to the file.
+  str, "answer": str, "options": [str, ...] (optional), "id": str (optional)}`, paths relative to the file
+  (an item without images is text only: skipped and counted).
   The question gets the options as `A. ...` lines and an instruction to answer with a letter (or, without
   options, with a single word or phrase), the LLaVA evaluation prompts.
 """
@@ -26,7 +30,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from collections.abc import Sequence
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +40,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from data.processing import IGNORE_INDEX, Sample, SampleProcessor, token_ids_for
-from data.processor import VLProcessor, load_processor
-from mmrope.encodings import Encoding, TokenIds, build
-from mmrope.eval.distractors import distractor_ids, insert_distractor, load_corpus
+from data.processing import IGNORE_INDEX, Sample, SampleError, SampleProcessor
+from data.processor import VLProcessor
+from mmrope.encodings import Encoding, TokenIds
+from mmrope.eval.distractors import distractor_ids, insert_distractor, insertion_index, load_corpus
 from mmrope.eval.scoring import option_letters, score
 
 DEFAULT_DISTANCES = (0, 1024, 2048, 4096, 8192, 16384, 32768)
-ENCODING_FILE = "mmrope_encoding.json"
 OPTIONS_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,9 +144,9 @@ def item_from_json(entry: dict, base: Path, index: int) -> VQAItem:
     for field in ("question", "answer"):
         if not isinstance(entry.get(field), str):
             raise ValueError(f"{where}: `{field}` must be a string")
-    paths = entry.get("images", [entry["image"]] if "image" in entry else None)
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f"{where}: needs `image` (a path) or `images` (a non-empty list of paths)")
+    paths = entry.get("images", [entry["image"]] if "image" in entry else [])  # none: text only (skipped)
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{where}: `image` must be a path, `images` a list of paths")
     options = _check_options(entry.get("options"), where)
     images, parts = {}, []
     for i, p in enumerate(paths):
@@ -165,7 +170,7 @@ def read_items(data: Sequence[str], limit: int | None = None) -> list[VQAItem]:
     """Items from shards (`.tar`, brace patterns) and JSON/JSONL files, in the order given."""
     import webdataset as wds
 
-    from data.loader import expand_urls
+    from data.index import expand_urls
 
     items: list[VQAItem] = []
     for source in data:
@@ -208,36 +213,19 @@ def prompt_ids(sample: Sample) -> Tensor:
 
 
 def load_checkpoint(
-    path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32, attn_backend: str = "sdpa"
+    path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32, attn_backend: str = "auto"
 ) -> Checkpoint:
-    """An exported checkpoint: the stock transformers class + its encoding (and DIPE) installed, and its processor."""
-    from mmrope.model.build import FAMILY_CLASSES
-    from mmrope.model.install import install
+    """An exported checkpoint (`mmrope.from_pretrained`): the stock transformers class + its encoding (and DIPE)
+    installed, and its processor."""
+    from mmrope.pretrained import from_pretrained
 
-    path_ = Path(path)
-    meta_file = path_ / ENCODING_FILE
-    if not meta_file.is_file():
-        raise ValueError(
-            f"--checkpoint: {str(path)!r} has no {ENCODING_FILE} (export it with mmrope.train.export)"
-        )
-    meta = json.loads(meta_file.read_text())
-    family = meta.get("model_family", "qwen2_5_vl")
-    if family not in FAMILY_CLASSES:
-        raise ValueError(
-            f"--checkpoint: {ENCODING_FILE} model_family {family!r} not in {sorted(FAMILY_CLASSES)}"
-        )
-    model = FAMILY_CLASSES[family].from_pretrained(
-        path_, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    try:
+        model, processor = from_pretrained(path, device=device, dtype=dtype, attn_backend=attn_backend)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint: {e}") from e
+    return Checkpoint(
+        str(path), model, processor, processor.encoding, processor.tokens, processor.layout, processor.dipe
     )
-    model.to(device).eval()
-    encoding = build(meta["name"], **meta.get("hparams", {}))
-    dipe = bool(meta.get("dipe", False))
-    install(model, encoding, attn_backend=attn_backend, dipe=dipe)
-    processor = load_processor(path_)
-    from mmrope.model.families import FAMILIES
-
-    layout = meta.get("layout") or FAMILIES[family].layout
-    return Checkpoint(str(path), model, processor, encoding, token_ids_for(processor), layout, dipe)
 
 
 def _decode_answer(processor: VLProcessor, new_ids: Tensor) -> str:
@@ -282,6 +270,33 @@ def generate_answers(ckpt: Checkpoint, samples: list[Sample], max_new_tokens: in
     return [_decode_answer(ckpt.processor, row[length:].cpu()) for row in out_BN]
 
 
+def usable_items(
+    items: list[VQAItem], sample_processor: SampleProcessor, *, checkpoint: str
+) -> tuple[list[tuple[VQAItem, Sample]], list[dict]]:
+    """(item, prompt sample) pairs that can be evaluated, and one skip record per item that cannot: an item
+    without an image (`no_image`: no image to put distractors after), or whose prompt has no visual block
+    before the question (`no_insertion_point`). A record that cannot be processed raises, naming it."""
+    usable, skipped = [], []
+    for item in items:
+        reason, detail = None, ""
+        if not item.images:
+            reason = "no_image"
+        else:
+            try:
+                sample = item_sample(item, sample_processor)
+            except SampleError as e:
+                raise ValueError(f"--data: item {item.key!r}: {e}") from e
+            try:
+                insertion_index(sample.input_ids, sample.labels, sample_processor.tokens)
+            except ValueError as e:
+                reason, detail = "no_insertion_point", str(e)
+        if reason is None:
+            usable.append((item, sample))
+        else:
+            skipped.append({"checkpoint": checkpoint, "key": item.key, "reason": reason, "detail": detail})
+    return usable, skipped
+
+
 def evaluate(
     ckpt: Checkpoint,
     items: list[VQAItem],
@@ -291,57 +306,74 @@ def evaluate(
     max_new_tokens: int = 16,
     batch_size: int = 1,
     progress: bool = True,
-) -> tuple[list[dict], list[dict]]:
-    """(rows of (checkpoint, distance, n, accuracy), per-item predictions) of one checkpoint."""
+    on_prediction: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(rows of (checkpoint, distance, n, skipped, accuracy), per-item predictions, skipped items) of one
+    checkpoint. `on_prediction` gets every prediction as soon as it is scored (to write it out at once)."""
     from tqdm import tqdm
 
     # Positions (and DIPE's static ones) are recomputed from the tokens by greedy_generate; no need here.
     sample_processor = SampleProcessor(ckpt.processor, ckpt.encoding, max_tokens=1 << 62, layout=ckpt.layout)
-    bases = [item_sample(item, sample_processor) for item in items]
+    usable, skipped = usable_items(items, sample_processor, checkpoint=ckpt.path)
+    if not usable:
+        reasons = Counter(s["reason"] for s in skipped)
+        raise ValueError(
+            f"--data: none of the {len(items)} items can be evaluated (skipped: {dict(reasons)})"
+        )
     tokenizer = ckpt.processor.tokenizer
     correct = {d: 0 for d in distances}
     predictions: list[dict] = []
     bar = tqdm(
-        total=len(items) * len(distances), desc=Path(ckpt.path).name, unit="item", disable=not progress
+        total=len(usable) * len(distances), desc=Path(ckpt.path).name, unit="item", disable=not progress
     )
-    for start in range(0, len(items), batch_size):
-        chunk = range(start, min(start + batch_size, len(items)))
+    for start in range(0, len(usable), batch_size):
+        chunk = usable[start : start + batch_size]
         for distance in distances:
             ids_N = distractor_ids(tokenizer, corpus, distance)
-            samples = [
-                insert_distractor(
-                    bases[i],
-                    ids_N,
-                    tokens=ckpt.tokens,
-                    encoding=ckpt.encoding,
-                    layout=ckpt.layout,
-                    dipe=False,
-                )
-                for i in chunk
-            ]
-            answers = generate_answers(ckpt, samples, max_new_tokens)
-            for i, prediction in zip(chunk, answers):
-                item = items[i]
+            keys = [item.key for item, _ in chunk]
+            try:
+                samples = [
+                    insert_distractor(
+                        base,
+                        ids_N,
+                        tokens=ckpt.tokens,
+                        encoding=ckpt.encoding,
+                        layout=ckpt.layout,
+                        dipe=False,
+                    )
+                    for _, base in chunk
+                ]
+                answers = generate_answers(ckpt, samples, max_new_tokens)
+            except Exception as e:  # name what failed: a run of hours should not end in an anonymous trace
+                raise RuntimeError(f"{ckpt.path}: items {keys} at distance {distance}: {e}") from e
+            for (item, _), prediction in zip(chunk, answers):
                 ok = score(prediction, item.answer, item.options)
                 correct[distance] += int(ok)
-                predictions.append(
-                    {
-                        "checkpoint": ckpt.path,
-                        "distance": distance,
-                        "key": item.key,
-                        "prediction": prediction,
-                        "answer": item.answer,
-                        "options": item.options,
-                        "correct": ok,
-                    }
-                )
+                record = {
+                    "checkpoint": ckpt.path,
+                    "distance": distance,
+                    "key": item.key,
+                    "prediction": prediction,
+                    "answer": item.answer,
+                    "options": item.options,
+                    "correct": ok,
+                }
+                predictions.append(record)
+                if on_prediction is not None:
+                    on_prediction(record)
             bar.update(len(chunk))
     bar.close()
     rows = [
-        {"checkpoint": ckpt.path, "distance": d, "n": len(items), "accuracy": correct[d] / len(items)}
+        {
+            "checkpoint": ckpt.path,
+            "distance": d,
+            "n": len(usable),
+            "skipped": len(skipped),
+            "accuracy": correct[d] / len(usable),
+        }
         for d in distances
     ]
-    return rows, predictions
+    return rows, predictions, skipped
 
 
 # -- outputs -----------------------------------------------------------------------------------------------------
@@ -352,10 +384,13 @@ def _distance_label(distance: int) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["checkpoint", "distance", "n", "accuracy"])
+    """All rows so far, replacing `path` atomically (it is rewritten after every checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["checkpoint", "distance", "n", "skipped", "accuracy"])
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -410,7 +445,7 @@ def run_vqa(
     limit: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    attn_backend: str = "sdpa",
+    attn_backend: str = "auto",
     progress: bool = True,
 ) -> list[dict]:
     """Evaluate every checkpoint at every distance; write vqa.csv, vqa.png and predictions.jsonl under `out`."""
@@ -432,10 +467,17 @@ def run_vqa(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    with (out / "predictions.jsonl").open("w") as f:
+    # Results are written as they come: every prediction at once, the table and plot after every checkpoint,
+    # so a long evaluation that stops keeps everything it had computed.
+    with (out / "predictions.jsonl").open("w") as f, (out / "skipped.jsonl").open("w") as skipped_file:
+
+        def write_prediction(record: dict) -> None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
         for path in checkpoints:
             ckpt = load_checkpoint(path, device=torch_device, dtype=DTYPES[dtype], attn_backend=attn_backend)
-            ckpt_rows, predictions = evaluate(
+            ckpt_rows, _, skipped = evaluate(
                 ckpt,
                 items,
                 distances,
@@ -443,16 +485,23 @@ def run_vqa(
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 progress=progress,
+                on_prediction=write_prediction,
             )
+            skipped_file.writelines(json.dumps(s) + "\n" for s in skipped)
+            skipped_file.flush()
+            if skipped:
+                reasons = ", ".join(
+                    f"{k}={n}" for k, n in sorted(Counter(s["reason"] for s in skipped).items())
+                )
+                print(f"{path}: skipped {len(skipped)} of {len(items)} items ({reasons}; see skipped.jsonl)")
             rows += ckpt_rows
-            f.writelines(json.dumps(p) + "\n" for p in predictions)
+            write_csv(rows, out / "vqa.csv")
+            plot(rows, out / "vqa.png")
             for r in ckpt_rows:
                 print(f"{path}  distance {r['distance']:>6}  n {r['n']}  accuracy {r['accuracy']:.4f}")
             del ckpt
             if torch_device.type == "cuda":
                 torch.cuda.empty_cache()  # the next checkpoint gets the memory
-    write_csv(rows, out / "vqa.csv")
-    plot(rows, out / "vqa.png")
     print(f"wrote {out / 'vqa.csv'} and {out / 'vqa.png'}")
     return rows
 
@@ -477,7 +526,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument(
-        "--attn-backend", default="sdpa", help="mmrope attention backend (sdpa, eager, flex, flash)"
+        "--attn-backend",
+        default="auto",
+        help="mmrope attention backend (auto, varlen, sdpa_varlen, sdpa, eager, flex, flash)",
     )
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from mmrope.model.config import ModelConfig, TinyModelConfig
 from mmrope.model.families import FAMILIES, family_of
 from mmrope.model.families import tiny_config as family_tiny_config
-from mmrope.train.config import ModelConfig, TinyModelConfig
 
 __all__ = ["FAMILY_CLASSES", "build_model", "compose_vlm", "tiny_config"]
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from mmrope.train.config import FreezeConfig
+from mmrope.model.config import FreezeConfig
 
 GROUPS = ("vision", "connector", "llm", "lm_head")
 

@@ -23,8 +23,13 @@ def greedy_generate(
     tokens: TokenIds,
     layout: str = "qwen3",
     dipe: bool = False,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
 ) -> Tensor:
-    """Prompt + `max_new_tokens` greedy tokens, `[B, L + max_new_tokens]` (like HF `generate`; no early stop).
+    """Prompt + `max_new_tokens` greedy tokens, `[B, L + max_new_tokens]` (like HF `generate`).
+
+    With `eos_token_id` it stops like HF `generate`: once every row produced it, rows that finished earlier
+    continue with `pad_token_id` (default: eos), and the result may be shorter. Without it, no early stop.
 
     Prefill uses `encoding.position_ids` on the (left-padded) prompt; decode step `s` uses
     `encoding.decode_position_ids(rope_deltas, L + s)`. DIPE: a new token is a text query with that dynamic
@@ -64,9 +69,13 @@ def greedy_generate(
     )
     next_B1 = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
     sequence_BN = torch.cat([input_ids_BL, next_B1], dim=1)
+    fill = eos_token_id if pad_token_id is None else pad_token_id
+    done_B1 = next_B1 == eos_token_id if eos_token_id is not None else None
     key_valid_BK, key_visual_BK = mask_BL.bool(), visual_BL
     text_query_B1 = torch.zeros(num_rows, 1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens - 1):
+        if done_B1 is not None and bool(done_B1.all()):
+            break
         key_valid_BK = torch.cat([key_valid_BK, torch.ones_like(text_query_B1)], dim=1)
         key_visual_BK = torch.cat([key_visual_BK, text_query_B1], dim=1)
         cache_position_1 = torch.tensor([prompt_len + step], device=device)
@@ -80,5 +89,8 @@ def greedy_generate(
             input_ids=next_B1, position_ids=pos_3B1, past_key_values=cache, use_cache=True, **step_kw
         )
         next_B1 = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+        if done_B1 is not None:  # finished rows keep emitting padding, as HF generate does
+            next_B1 = next_B1.masked_fill(done_B1, fill)
+            done_B1 = done_B1 | (next_B1 == eos_token_id)
         sequence_BN = torch.cat([sequence_BN, next_B1], dim=1)
     return sequence_BN[:, : prompt_len + max_new_tokens]

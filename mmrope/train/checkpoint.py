@@ -11,6 +11,11 @@ the one to resume from; a crash between the rename and the pointer update leaves
 `step_N/` that `latest()` prefers over the stale pointer (resume takes the newest committed step). Retention
 (`keep_last`) never deletes what `latest` points to.
 
+A different world size resumes through DeepSpeed's universal checkpoint: rank 0 converts the committed step once
+(`deepspeed.checkpoint.ds_to_universal`, into `step_N/universal/`, staged then renamed) and every rank loads model
+and optimizer from it; the data position is merged from every old rank's `rank_R.pt` (data/loader.py: virtual
+slots make it world-size independent).
+
 Fault injection for tests: `MMROPE_CRASH_AT=staged|manifest|renamed` (+ optional `MMROPE_CRASH_STEP=N`)
 SIGKILLs rank 0 after staging / after writing the manifest / after the rename, before the next stage. Assumes the checkpoint directory is
 on a filesystem shared by all ranks (the usual cluster setup), since rank 0 commits.
@@ -24,6 +29,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,11 +55,20 @@ RESUME_KEYS = (
     "rope",
     "trainer.global_batch_size",
     "trainer.micro_batch_size",
+    "data.source",
     "data.shards",
+    "data.mixture",
+    "data.seed",
+    "data.num_slots",
     "data.max_tokens",
+    "data.min_pixels",
+    "data.max_pixels",
+    "data.video",
+    "data.system_prompt",
     "data.synthetic",
     "deepspeed.stage",
 )
+UNIVERSAL = "universal"  # step_N/universal: the DeepSpeed universal checkpoint of step_N
 
 
 def config_fingerprint(flat: dict) -> dict:
@@ -221,23 +237,76 @@ class CheckpointManager:
             if saved.get(key) != fingerprint.get(key):
                 raise ValueError(
                     f"config key `{key}`: cannot resume from {path}: it was trained with {saved.get(key)!r}, the "
-                    f"current config has {fingerprint.get(key)!r}. Use a new trainer.run_name or trainer.resume=never."
+                    f"current config has {fingerprint.get(key)!r}. Start a new run under a new trainer.run_name."
                 )
-        if manifest["world_size"] != self.world_size:
-            raise ValueError(
-                f"world size changed ({manifest['world_size']} -> {self.world_size}): convert the checkpoint with "
-                f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder "
-                f"{path}_universal` and resume with deepspeed.overrides.checkpoint.load_universal=true"
-            )
         return manifest
 
-    def load(self, engine, path: Path) -> dict:
-        """Load engine state (model, optimizer, scheduler) and this rank's state; returns the rank state."""
-        load_path, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    def universal(self, path: Path) -> Path:
+        """The DeepSpeed universal checkpoint of committed step `path`, converted once by rank 0 (staged, then
+        renamed, so a crash never leaves a half-converted folder that would be trusted)."""
+        out = path / UNIVERSAL
+        if self.rank == 0 and not out.is_dir():
+            staged = path / f"{UNIVERSAL}.tmp"
+            shutil.rmtree(staged, ignore_errors=True)
+            cmd = [
+                sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                "--output_folder", str(staged), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                "--inject_missing_state",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"converting {path} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                    f"{(proc.stdout + proc.stderr)[-3000:]}"
+                )
+            os.replace(staged, out)
+            _fsync_dir(path)
+        if dist.is_initialized():
+            dist.barrier()
+        return out
+
+    def load(self, engine, path: Path, manifest: dict) -> dict:
+        """Load engine state (model, optimizer, scheduler) and the run state; returns this rank's view of it.
+
+        Same world size: this rank's own `rank_R.pt` (RNG included). Another world size: model and optimizer from
+        the universal checkpoint; counters and data position merged from every old rank's file (counts summed
+        onto rank 0 so that global sums stay right); RNG streams stay as seeded (they cannot be re-split)."""
+        resized = manifest["world_size"] != self.world_size
+        if resized:
+            load_path, _ = engine.load_checkpoint(
+                str(path), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        else:
+            load_path, _ = engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
-        state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
-        set_rng_state(state["rng"])
-        return state
+        if not resized:
+            state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
+            set_rng_state(state["rng"])
+            return state
+        from data.loader import merge_states
+
+        states = [
+            torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(manifest["world_size"])
+        ]
+        data = merge_states([s.get("data") for s in states])
+        skipped, skipped_shards = {}, {}
+        for s in states:
+            for k, v in s.get("skipped", {}).items():
+                skipped[k] = skipped.get(k, 0) + v
+            for url, reasons in s.get("skipped_shards", {}).items():
+                mine = skipped_shards.setdefault(url, {})
+                for k, v in reasons.items():
+                    mine[k] = mine.get(k, 0) + v
+        first = self.rank == 0
+        return {
+            "step": states[0]["step"],
+            "tokens_seen": states[0].get("tokens_seen", 0),
+            "nonfinite_skips": states[0].get("nonfinite_skips", 0),
+            "records": sum(s.get("records", 0) for s in states) if first else 0,
+            "skipped": skipped if first else {},
+            "skipped_shards": skipped_shards if first else {},
+            "data": data,
+        }

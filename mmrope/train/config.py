@@ -9,6 +9,8 @@ divide, an unknown encoding) surface before any model or data is touched, with t
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,111 +18,27 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mmrope.attention import PACKED_BACKENDS
+from mmrope.model.config import ModelConfig, _one_of, _require
 from mmrope.model.families import FAMILIES
 
-MODEL_KINDS = ("tiny", "pretrained", "composed")
-MODEL_FAMILIES = tuple(FAMILIES)  # qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe
-COMPOSED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # ViT + connector of a VLM, LLM of a plain causal LM
-ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("auto", "must", "never")
 NONFINITE_POLICIES = ("raise", "skip")
 ERROR_POLICIES = ("raise", "skip")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config key `{key}`: {message}")
+def rope_hparams_error(error: ValueError, name: str, hparams: dict[str, Any]) -> ValueError:
+    """An encoding's ValueError with its config key named: `rope.hparams.<h>` for the hyperparameter its message
+    mentions first (e.g. `rope.hparams.mrope_section`), else `rope.hparams`."""
+    from mmrope.encodings import build
 
-
-def _one_of(value: Any, choices: tuple, key: str) -> None:
-    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
-
-
-@dataclass
-class TinyModelConfig:
-    """Sizes of the tiny Qwen-VL built from config for the embedded default and the tests."""
-
-    # head_dim 128 like every real Qwen-VL, so the shipped rope configs ([16,24,24] = 64 rotary pairs) fit as is.
-    hidden_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    intermediate_size: int = 512
-    rope_theta: float = 1_000_000.0
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_num_heads: int = 2
-    vision_intermediate_size: int = 64
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "model.tiny.hidden_size",
-            "must be divisible by num_attention_heads",
-        )
-        _require(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            "model.tiny.num_key_value_heads",
-            "must divide num_attention_heads",
-        )
-        _require(
-            (self.hidden_size // self.num_attention_heads) % 2 == 0,
-            "model.tiny.hidden_size",
-            "head_dim (hidden_size / num_attention_heads) must be even for rotary embeddings",
-        )
-
-
-@dataclass
-class FreezeConfig:
-    """Which module groups train. Paper default: ViT frozen; connector and LLM (with lm_head) trained."""
-
-    vision: bool = True
-    connector: bool = False
-    llm: bool = False
-    lm_head: bool = False
-
-
-@dataclass
-class ModelConfig:
-    kind: str = "tiny"  # tiny | pretrained (one local VLM checkpoint) | composed (ViT+connector from one, LLM from another)
-    family: str = "qwen2_5_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5 | qwen3_5_moe
-    path: str | None = None  # kind=pretrained: local VLM checkpoint directory
-    vision_path: str | None = (
-        None  # kind=composed: local VLM checkpoint providing ViT + connector (+ processor)
-    )
-    llm_path: str | None = None  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
-    tokenizer_path: str | None = None  # default: the checkpoint's (or the locally built tiny tokenizer)
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    attn_backend: str = "auto"  # auto: torch's varlen FlashAttention on CUDA (bf16), per-sample SDPA on CPU
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    activation_checkpointing: str = (
-        "none"  # none | all | every_k (LLM decoder layers; the frozen ViT stores nothing)
-    )
-    activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
-
-    def __post_init__(self) -> None:
-        _one_of(self.kind, MODEL_KINDS, "model.kind")
-        _one_of(self.activation_checkpointing, ("none", "all", "every_k"), "model.activation_checkpointing")
-        _require(
-            self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every", "must be >= 1"
-        )
-        _one_of(self.family, MODEL_FAMILIES, "model.family")
-        _one_of(self.attn_backend, ATTN_BACKENDS, "model.attn_backend")
-        if self.kind == "pretrained":
-            _require(
-                bool(self.path), "model.path", "is required when model.kind=pretrained (a local directory)"
-            )
-        if self.kind == "composed":
-            _require(bool(self.vision_path), "model.vision_path", "is required when model.kind=composed")
-            _require(bool(self.llm_path), "model.llm_path", "is required when model.kind=composed")
-        if self.kind == "composed":
-            _one_of(self.family, COMPOSED_FAMILIES, "model.family")
+    text = str(error)
+    found = []
+    for h in {*hparams, *build(name).hparams}:
+        if match := re.search(rf"(?<![A-Za-z0-9_]){re.escape(h)}(?![A-Za-z0-9_])", text):
+            found.append((match.start(), h))
+    key = f"rope.hparams.{min(found)[1]}" if found else "rope.hparams"
+    return ValueError(f"config key `{key}`: {text} (rope={name})")
 
 
 @dataclass
@@ -138,7 +56,7 @@ class RopeConfig:
         from mmrope.encodings import available
 
         _one_of(self.name, tuple(available()), "rope.name")
-        self.encoding()  # unknown or invalid hyperparameters fail here, naming rope.hparams.<key>
+        self.encoding()  # hyperparameter names and values (the fit to the model's heads: validate())
         if self.layout is not None:
             _one_of(self.layout, ("qwen2", "qwen2_5", "qwen3"), "rope.layout")
         if self.dipe:
@@ -155,15 +73,7 @@ class RopeConfig:
         try:
             return build(self.name, **self.hparams)
         except ValueError as e:
-            raise ValueError(f"config key `{_hparam_key(str(e), self.hparams)}`: {e}") from e
-
-
-def _hparam_key(message: str, hparams: dict[str, Any]) -> str:
-    """`rope.hparams.<key>` for an error about hyperparameter <key>, else `rope.hparams` / `rope.name`."""
-    word = message.split(" ", 1)[0].rstrip(":")
-    if word in hparams or word in ("temporal_stride", "mrope_section", "spatial_reset", "text_axes"):
-        return f"rope.hparams.{word}"
-    return "rope.hparams" if hparams else "rope.name"
+            raise rope_hparams_error(e, self.name, self.hparams) from e
 
 
 @dataclass
@@ -178,16 +88,48 @@ class SyntheticConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How video files are sampled (data/video.py, like Qwen's `qwen_vl_utils`): `fps` frames per second of
+    video, `min_frames`..`max_frames` per video, frames resized within `min_pixels`..`max_pixels` and, with
+    `total_pixels`, to at most that many pixels per video. Unset pixel limits: the image limits (data.min_pixels,
+    data.max_pixels) and no per-video budget. Frame lists keep their frames (and their own `fps`)."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    total_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        from data.video import VideoSampling
+
+        VideoSampling(**self.__dict__)  # raises ValueError naming data.video.<key>
+
+    def sampling(self):
+        from data.video import VideoSampling
+
+        return VideoSampling(**self.__dict__)
+
+
+@dataclass
 class DataConfig:
+    source: str = (
+        "synthetic"  # synthetic (generated, or data.shards if given) | shards (data.shards or mixture)
+    )
     shards: list[str] = field(default_factory=list)  # webdataset URLs (brace notation ok); empty = synthetic
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    cache_dir: str = ".cache"  # generated shards and the locally built tokenizer live here
+    cache_dir: str = ".cache"  # generated shards, the locally built tokenizer, indexes of read-only shards
     max_tokens: int = 32768  # packing budget per row
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    video: VideoConfig = field(default_factory=VideoConfig)
     system_prompt: str | None = None
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # record references per slot (nothing is read while a record waits here)
     num_workers: int = 0
+    # Virtual slots (data/loader.py): the stream position is theirs, so a run resumes exactly on any world size
+    # and num_workers whose product divides num_slots. Fixed for a run.
+    num_slots: int = 8
     error_policy: str = "skip"  # raise | skip (eval data always raises)
     max_skip_fraction: float = 0.05
     seed: int = 0
@@ -196,6 +138,13 @@ class DataConfig:
     mixture: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _one_of(self.source, ("synthetic", "shards"), "data.source")
+        _require(
+            self.source != "shards" or bool(self.shards) or bool(self.mixture),
+            "data.shards",
+            "data=shards needs shard URLs: data.shards=[...] (or data.mixture=[...]); "
+            "make shards with `python -m data.convert`",
+        )
         _require(self.max_tokens >= 64, "data.max_tokens", f"must be >= 64, got {self.max_tokens}")
         for i, m in enumerate(self.mixture):
             ok = hasattr(m, "get") and m.get("shards") and isinstance(m.get("weight"), (int, float))
@@ -212,6 +161,13 @@ class DataConfig:
         _one_of(self.error_policy, ERROR_POLICIES, "data.error_policy")
         _require(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.num_slots >= 1, "data.num_slots", f"must be >= 1, got {self.num_slots}")
+        _require(
+            self.num_slots % max(1, self.num_workers) == 0,
+            "data.num_slots",
+            f"{self.num_slots} slots cannot be split evenly over num_workers={self.num_workers}",
+        )
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
 
 @dataclass
@@ -305,7 +261,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto | must | never
     optim: OptimConfig = field(default_factory=OptimConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+    # Per-device peak TFLOP/s for MFU; None = detected for known GPUs (H100, H200, A100: dense bf16), else
+    # MFU is "n/a" (a CPU has no meaningful tensor-core peak).
+    peak_tflops: float | None = None
     on_nonfinite: str = "raise"  # raise | skip: what a step with a non-finite loss or grad norm does
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip: abort once more steps than this were skipped
     requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
@@ -327,6 +285,11 @@ class TrainerConfig:
         )
         _one_of(self.precision, PRECISIONS, "trainer.precision")
         _one_of(self.resume, RESUME_MODES, "trainer.resume")
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "trainer.peak_tflops",
+            f"must be > 0 (TFLOP/s per device) or null (detect), got {self.peak_tflops}",
+        )
         _require(self.save_every > 0, "trainer.save_every", "must be > 0")
         _require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         _one_of(self.on_nonfinite, NONFINITE_POLICIES, "trainer.on_nonfinite")
@@ -372,11 +335,17 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if not isinstance(obj, TrainConfig):  # composed without the schema (e.g. a plain OmegaConf.load)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
     assert isinstance(obj, TrainConfig)
-    if obj.trainer.optim.warmup_steps > obj.trainer.max_steps:
-        raise ValueError(
-            f"config key `trainer.optim.warmup_steps`: {obj.trainer.optim.warmup_steps} exceeds "
-            f"trainer.max_steps={obj.trainer.max_steps}"
-        )
+    optim, max_steps = obj.trainer.optim, obj.trainer.max_steps
+    if optim.warmup_steps > max_steps:
+        # A short run (a smoke test, `trainer.max_steps=2`) with the default warmup: warm up over the whole
+        # run instead of refusing it, and say so.
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"note: trainer.optim.warmup_steps={optim.warmup_steps} > trainer.max_steps={max_steps}: "
+                f"warmup clamped to {max_steps} steps",
+                flush=True,
+            )
+        optim.warmup_steps = max_steps
     if not math.isfinite(obj.trainer.optim.lr):
         raise ValueError("config key `trainer.optim.lr`: must be finite")
     check_rope_fits_model(obj)

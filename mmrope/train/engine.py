@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# A DeepSpeed op build (the CPU shared-memory all-reduce is built on first use) takes 1-3 minutes. A build killed
+# midway leaves torch's `lock` file behind, and every later run would wait on it forever without a word.
+STALE_BUILD_LOCK_S = 15 * 60
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove (and say so) torch extension build locks older than `max_age_s`: leftovers of killed builds."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed a stale op build lock left by a killed build: {lock}", flush=True)
+        except FileNotFoundError:  # another rank removed it first
+            continue
+    return removed
+
+
 def init_distributed() -> Dist:
     """Join the process group started by torchrun / deepspeed / srun (or a 1-process group), gloo on CPU."""
     import deepspeed
@@ -40,6 +64,7 @@ def init_distributed() -> Dist:
     if "RANK" not in os.environ:  # plain `python train.py`: a group of one, on a port the OS says is free
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -68,7 +93,7 @@ def resolve_precision(precision: str) -> str:
     return precision  # bf16 on CPU is allowed: slow, but it runs the GPU's dtype path (the CI proxy)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
     t, ds = cfg.trainer, cfg.deepspeed
     zero: dict = {"stage": ds.stage, "overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
     if ds.offload_optimizer:
@@ -88,6 +113,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming on another world size: model + optimizer from a universal checkpoint
+        config["checkpoint"] = {"load_universal": True}
     return _deep_merge(config, dict(ds.overrides))
 
 
@@ -98,7 +125,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int):
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
     """DeepSpeed engine over `module` with AdamW (no decay on norms/biases) and cosine-to-min-LR schedule."""
     import deepspeed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -114,7 +141,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int):
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, load_universal),
         dist_init_required=False,
     )
     return engine, optimizer, scheduler

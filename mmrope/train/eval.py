@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from data.loader import PackedRowStream
+from data.pixels import to_device
 from data.processing import Sample, SampleProcessor
 from mmrope.encodings import Encoding
 from mmrope.model.objective import num_supervised
@@ -90,6 +91,7 @@ class Evaluator:
                 seed=self.cfg.data.seed,
                 shuffle_buffer=1,  # no shuffling: the same rows at every evaluation
                 for_eval=True,  # one pass, a bad record raises
+                index_cache_dir=self.cfg.data.cache_dir,
             )
             rows = []
             for row in stream:
@@ -130,7 +132,7 @@ class Evaluator:
     def _loss(self) -> float:
         loss_sum, num_tokens = 0.0, 0
         for row in self._held_out_rows():
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+            batch = to_device(row, self.device)
             # num_global_tokens=1: the row's summed token loss; normalised over the whole set below
             loss_sum += float(self.objective(batch, num_global_tokens=1.0))
             num_tokens += num_supervised(row)

@@ -6,8 +6,10 @@
 Writes: `model.safetensors` (+ `config.json`, `generation_config.json`) for the whole VLM, frozen ViT
 included; the tokenizer (with its chat template) and the image processor; and `mmrope_encoding.json`, the
 position encoding the model was trained with. With the family's own encoding (`mrope` for Qwen2-VL/Qwen2.5-VL,
-`mrope_i` for Qwen3-VL(-MoE)/Qwen3.5(-MoE); no DIPE) the directory is a stock checkpoint: the family's
-`*ForConditionalGeneration.from_pretrained(out)` computes what the training model computed. Other encodings need mmrope's install at load time (`stock: false` in mmrope_encoding.json).
+`mrope_i` for Qwen3-VL(-MoE)/Qwen3.5(-MoE); no DIPE, default hyperparameters but `mrope_section`) the directory is
+a stock checkpoint (`stock: true`): the family's `*ForConditionalGeneration.from_pretrained(out)` computes what the
+training model computed, given `mm_token_type_ids` (README). Every export loads with `mmrope.from_pretrained(out)`,
+which installs the encoding (and DIPE) from mmrope_encoding.json.
 
 The weights come from DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`: fp32 master
 weights of the trainable parameters + the frozen ones from the model-state files). The engine wraps the VLM
@@ -59,10 +61,21 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}
 
 
+def is_stock(name: str, hparams: dict, dipe: bool, family: str) -> bool:
+    """Whether stock transformers computes what the training model computed: the family's own encoding (MRoPE
+    for Qwen2(.5)-VL, interleaved MRoPE for Qwen3-VL(-MoE) and Qwen3.5(-MoE)), no DIPE, every hyperparameter but `mrope_section` (written
+    to the exported config) at its default."""
+    from mmrope.encodings import build
+
+    if dipe or FAMILIES[family].stock_encoding != name:
+        return False
+    defaults, used = build(name).hparams, build(name, **hparams).hparams
+    return all(used[k] == defaults[k] for k in used if k != "mrope_section")
+
+
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+    from data.processor import processor_for
     from mmrope.model.build import build_model
-    from mmrope.train.engine import Dist
-    from mmrope.train.run import make_processor
 
     if dtype not in DTYPES:
         raise ValueError(f"argument `--dtype`: {dtype!r} is not one of {sorted(DTYPES)}")
@@ -72,7 +85,10 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    processor = make_processor(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    d = cfg.data
+    processor = processor_for(
+        cfg.model, cache_dir=d.cache_dir, min_pixels=d.min_pixels, max_pixels=d.max_pixels
+    )
     # The base model: architecture + config, and the source of any parameter the shards do not hold.
     model = build_model(
         cfg.model,
@@ -94,17 +110,24 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
     model.load_state_dict(trained, strict=False)
     model.to(DTYPES[dtype]).eval()
     model.config.use_cache = True
+    rope = cfg.rope
+    family = cfg.model.family
+    stock = is_stock(rope.name, dict(rope.hparams), rope.dipe, family)
+    if stock:  # stock transformers splits the rotary channels by the config's mrope_section: the trained one
+        from mmrope.encodings import build
+
+        section = list(build(rope.name, **rope.hparams).hparams["mrope_section"])
+        model.config.get_text_config().rope_parameters["mrope_section"] = section
     model.save_pretrained(out, safe_serialization=True)
     processor.save(out)
 
-    rope = cfg.rope
     encoding = {
         "name": rope.name,
         "hparams": dict(rope.hparams),
         "dipe": rope.dipe,
         "layout": cfg.rope_layout(),
-        "stock": rope.name == FAMILIES[cfg.model.family].stock_encoding and not rope.dipe,
-        "model_family": cfg.model.family,
+        "stock": stock,
+        "model_family": family,
         "trained_steps": manifest["step"],
         "config_hash": manifest["config_hash"],
     }

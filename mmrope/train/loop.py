@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data.pixels import to_device
 from mmrope.model.objective import num_supervised
 from mmrope.train.checkpoint import CheckpointManager
 from mmrope.train.config import TrainConfig
@@ -29,8 +31,22 @@ class TrainResult:
     steps_done: int
 
 
-def _to_device(row: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+def _all_gather(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)  # sync point: every rank contributes its view
+    return out
+
+
+def _shard_summary(shards: dict[str, Counter], limit: int = 5) -> str:
+    """`shard-000003.tar (bad_image 12, too_long 1), ...`: the shards with the most skips first."""
+    worst = sorted(shards.items(), key=lambda kv: -sum(kv[1].values()))
+    parts = [
+        f"{Path(url).name} ({', '.join(f'{k} {v}' for k, v in c.most_common())})" for url, c in worst[:limit]
+    ]
+    more = f" and {len(worst) - limit} more shard(s)" if len(worst) > limit else ""
+    return ", ".join(parts) + more
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -53,8 +69,10 @@ class Trainer:
         self.ckpt, self.metrics, self.fingerprint = ckpt, metrics, fingerprint
         self.step = start_step
         self.accum = cfg.grad_accum_steps(d.world_size)
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # this rank's skipped records by reason (since the run began)
+        self.skipped_shards: dict[str, Counter] = {}  # ... and by shard
         self.records = 0
+        self._skips_reported = 0  # global skipped count at the last console line
         self.tokens_seen = 0
         self.nonfinite_skips = 0  # steps dropped under trainer.on_nonfinite=skip (saved with the checkpoint)
         self.preemption: PreemptionFlag | None = None  # installed by train()
@@ -92,7 +110,9 @@ class Trainer:
             step_time = time.perf_counter() - tic
             # Every rank evaluates (same rows, ZeRO-3 gathers in lockstep); logged in this step's record.
             evals = self.evaluator.maybe_run(self.step) if self.evaluator is not None else {}
-            if evals or self.step % t.log_every == 0 or self.step == t.max_steps:
+            # Step 1 is always logged: loss curves start where training starts, not at step log_every.
+            if evals or self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                stats.update(self._skip_report())  # every rank joins: the counts are gathered
                 self.metrics.log(
                     self.step,
                     {
@@ -122,6 +142,8 @@ class Trainer:
         for r in rows:  # data accounting travels with the rows
             self.records += r.get("records", 0)
             self.skipped.update(r.get("skipped", {}))
+            for url, reasons in r.get("skipped_shards", {}).items():
+                self.skipped_shards.setdefault(url, Counter()).update(reasons)
         num_local = sum(num_supervised(r) for r in rows)
         num_tokens_local = sum(int(r["input_ids"].numel()) for r in rows)
         num_samples_local = sum(r["num_samples"] for r in rows)
@@ -130,7 +152,7 @@ class Trainer:
         num_global, num_tokens, num_samples = _all_sum([num_local, num_tokens_local, num_samples_local])
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, row in enumerate(rows):
-            batch = _to_device(row, self.d.device)
+            batch = to_device(row, self.d.device)  # uint8 pixels are expanded there (data/pixels.py)
             loss = self.engine(batch, num_global_tokens=max(num_global, 1.0))
             if self.step + 1 == self.cfg.trainer.debug_inject_nan_at_step:
                 loss = loss * float("nan")  # testing aid: a NaN loss, and through backward NaN gradients
@@ -194,17 +216,41 @@ class Trainer:
             "train/samples": num_samples,
             "train/tokens_seen": self.tokens_seen,
         }
-        stats.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
         return global_loss, stats
+
+    def _global_skips(self) -> tuple[int, Counter, dict[str, Counter]]:
+        """(records, skipped by reason, skipped by shard) over all ranks. Every rank must call it."""
+        records, reasons, shards = 0, Counter(), {}
+        for n, by_reason, by_shard in _all_gather((self.records, dict(self.skipped), self.skipped_shards)):
+            records += n
+            reasons.update(by_reason)
+            for url, c in by_shard.items():
+                shards.setdefault(url, Counter()).update(c)
+        return records, reasons, shards
+
+    def _skip_report(self) -> dict:
+        """Global skip counters for the log step, and a console line whenever they changed since the last one."""
+        records, reasons, shards = self._global_skips()
+        total = sum(reasons.values())
+        if total != self._skips_reported:
+            self.metrics.print(
+                f"data: {total - self._skips_reported} more record(s) skipped by step {self.step}; {total} of "
+                f"{records} ({total / max(records, 1):.2%}) so far: {dict(reasons.most_common())}; "
+                f"{_shard_summary(shards)}"
+            )
+            self._skips_reported = total
+        return {"data/records": records, **{f"data/skipped/{k}": v for k, v in reasons.items()}}
 
     def _check_skips(self) -> None:
         total_skipped = sum(self.skipped.values())
         records, skipped = _all_sum([self.records, total_skipped])
         limit = self.cfg.data.max_skip_fraction
         if records >= 100 and skipped / records > limit:
+            _, reasons, shards = self._global_skips()  # every rank is here: the same sums on all of them
             raise RuntimeError(
                 f"data: {skipped:.0f} of {records:.0f} records skipped ({skipped / records:.1%}) > "
-                f"data.max_skip_fraction={limit}; reasons on rank {self.d.rank}: {dict(self.skipped)}"
+                f"data.max_skip_fraction={limit}; reasons: {dict(reasons.most_common())}; shards: "
+                f"{_shard_summary(shards, limit=10)}"
             )
 
     def save(self) -> Path:
@@ -216,6 +262,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "records": self.records,
                 "skipped": dict(self.skipped),
+                "skipped_shards": {url: dict(c) for url, c in self.skipped_shards.items()},
                 "nonfinite_skips": self.nonfinite_skips,
                 # exact stream position of the rows consumed so far (data.loader.ResumableLoader)
                 "data": self.rows.state_dict() if hasattr(self.rows, "state_dict") else None,

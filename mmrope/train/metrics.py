@@ -6,13 +6,34 @@ reports (sweep tables, plots), so nothing depends on reaching a wandb server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from tqdm import tqdm
 
 from mmrope.train.config import TrainConfig
+
+WANDB_ID_SLUG = 48  # readable part of a wandb run id; a hash of the run folder follows
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str:
+    """The wandb run id of a run folder: readable, valid for wandb whatever the run name holds, stable.
+
+    A sweep names its runs from their overrides (`rope=mrope,trainer.max_steps=12`), and wandb ids may not
+    contain `,` `:` `;` `#` `?` `/` `'`. The id keeps the name's letters, digits, `-`, `_` and `.` and adds a
+    hash of the run folder (`output_dir/run_name`): a requeued job gets the same id (so wandb resumes the run),
+    two folders never share one (two sweeps with the same overrides, two names differing in a dropped `,`).
+
+    >>> wandb_run_id("runs/sweeps/s/rope=mrope,trainer.max_steps=12")  # doctest: +ELLIPSIS
+    'rope-mrope-trainer.max_steps-12-...'
+    """
+    run_dir = Path(run_dir)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_dir.name).strip("-.")[:WANDB_ID_SLUG] or "run"
+    digest = hashlib.sha1(run_dir.as_posix().encode()).hexdigest()[:10]
+    return f"{slug}-{digest}"
 
 
 class Metrics:
@@ -31,8 +52,8 @@ class Metrics:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
                 project=w.project,
-                name=cfg.trainer.run_name,
-                id=cfg.trainer.run_name,
+                name=cfg.trainer.run_name,  # shown as is; the id obeys wandb's rules
+                id=wandb_run_id(run_dir),
                 group=w.group,
                 tags=list(w.tags),
                 mode=w.mode,

@@ -6,7 +6,8 @@
 A sweep folder holds one Hydra job folder per run (`<override_dirname>/`), each with `.hydra/config.yaml`,
 `.hydra/overrides.yaml` and the trainer's `metrics.jsonl` (one JSON object per logged step). Nothing is read
 from wandb. Writes `<out>/report.md` (one row per run: encoding, final and min loss, tokens/s, MFU, peak
-memory; "n/a" where a run did not log the metric) and `<out>/loss.png` (one labelled curve per run).
+memory; "n/a" where a run did not log the metric) and `<out>/loss.png` (one curve per run from step 1, labelled
+with its encoding + DIPE and the other overrides that tell it apart; `--log-y` for a log-scale loss axis).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import yaml
 NA = "n/a"
 # Keys that locate or label a run rather than change what it trains: never used to tell runs apart.
 BOOKKEEPING_KEYS = ("trainer.run_name", "trainer.output_dir", "trainer.wandb.group", "trainer.wandb.mode")
+# Overrides the encoding's name already says (`mrope + DIPE`): left out of legends.
+ENCODING_KEYS = ("rope", "rope.name", "rope.dipe")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class RunLog:
     overrides: dict[str, str]
     records: list[dict] = field(default_factory=list)
     label: str = ""  # the overrides that tell this run apart from the others of the sweep
+    legend: str = ""  # the encoding (+ DIPE), then the other overrides that tell this run apart
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -89,8 +93,14 @@ def load_sweep(sweep_dir: Path) -> list[RunLog]:
         raise ValueError(f"argument `sweep_dir`: no run under {sweep_dir} has a metrics.jsonl with records")
     keys = sorted({k for r in runs for k in r.overrides if k not in BOOKKEEPING_KEYS})
     varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    others = [k for k in varying if k not in ENCODING_KEYS]
     for r in runs:
         r.label = ",".join(f"{k}={r.overrides.get(k, '-')}" for k in varying) or r.encoding
+        rest = ",".join(f"{k}={r.overrides.get(k, '-')}" for k in others)
+        r.legend = f"{r.encoding} ({rest})" if rest else r.encoding
+    if len({r.legend for r in runs}) < len(runs):  # e.g. `rope=mrope` next to `rope.name=mrope`
+        for r in runs:
+            r.legend = f"{r.encoding} ({r.label})"
     return runs
 
 
@@ -149,7 +159,9 @@ def markdown_table(runs: list[RunLog]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_losses(runs: list[RunLog], path: Path, title: str) -> None:
+def loss_figure(runs: list[RunLog], title: str, *, log_y: bool = False):
+    """The training loss of every run from its first logged step (step 1), one curve per run, labelled with
+    its encoding (+ DIPE) and the other overrides that tell it apart. `log_y`: log-scale loss axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
@@ -163,25 +175,34 @@ def plot_losses(runs: list[RunLog], path: Path, title: str) -> None:
         ]
         if points:
             steps, losses = zip(*points)
-            ax.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, label=run.label)
+            ax.plot(steps, losses, marker="o" if len(points) < 30 else None, markersize=3, label=run.legend)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train/loss")
+    ax.set_ylabel("train/loss" + (" (log scale)" if log_y else ""))
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="run", fontsize=8)
+    ax.grid(True, which="both" if log_y else "major", alpha=0.3)
+    ax.legend(title="encoding", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(runs: list[RunLog], path: Path, title: str, *, log_y: bool = False) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(runs, title, log_y=log_y)
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path, out_dir: Path) -> tuple[Path, Path]:
+def write_report(sweep_dir: Path, out_dir: Path, *, log_y: bool = False) -> tuple[Path, Path]:
     """Write `report.md` and `loss.png` for the sweep into `out_dir`; returns their paths."""
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     runs = load_sweep(sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, png_path = out_dir / "report.md", out_dir / "loss.png"
-    plot_losses(runs, png_path, title=f"sweep {sweep_dir.name}: training loss")
+    plot_losses(runs, png_path, title=f"sweep {sweep_dir.name}: training loss", log_y=log_y)
     md_path.write_text(
         f"# Sweep `{sweep_dir.name}`\n\n{len(runs)} runs from `{sweep_dir}`. Final and min loss over logged steps; "
         "tokens/s and MFU: median over logged steps after the first; peak memory: max over steps.\n\n"
@@ -195,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra sweep folder (e.g. runs/sweeps/<name>)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP_DIR/report)")
+    parser.add_argument("--log-y", action="store_true", help="loss axis on a log scale")
     args = parser.parse_args(argv)
-    md_path, png_path = write_report(args.sweep_dir, args.out or args.sweep_dir / "report")
+    md_path, png_path = write_report(args.sweep_dir, args.out or args.sweep_dir / "report", log_y=args.log_y)
     print(md_path.read_text())
     print(f"wrote {md_path} and {png_path}")
 

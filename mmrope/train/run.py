@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.loader import PackedRowStream, ResumableLoader
+from data.loader import PackedRowStream, ResumableLoader, video_report
 from data.processing import SampleProcessor
-from data.processor import VLProcessor, build_tiny_processor, load_processor
-from data.synthetic import corpus, write_synthetic_shards
+from data.processor import VLProcessor, processor_for
+from data.synthetic import write_synthetic_shards
 from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
 from mmrope.model.freeze import apply_freeze
@@ -22,14 +23,16 @@ from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
-from mmrope.train.config import TrainConfig
+from mmrope.train.config import OptimConfig, TrainConfig, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
-from mmrope.train.throughput import Throughput
+from mmrope.train.throughput import Throughput, detect_peak_tflops, device_name
 
 
-def flatten(cfg: TrainConfig) -> dict:
+def flatten(cfg: TrainConfig | dict) -> dict:
+    """`{"trainer.optim.lr": 0.002, ...}` from a config (or its nested dict, as saved in a manifest)."""
+
     def walk(node, prefix=""):
         for k, v in node.items():
             key = f"{prefix}{k}"
@@ -38,7 +41,56 @@ def flatten(cfg: TrainConfig) -> dict:
             else:
                 yield key, v
 
-    return dict(walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)))
+    nested = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return dict(walk(nested))
+
+
+# How a run is resumed, not what it trains: never reported as a change.
+NOT_HYPERPARAMETERS = ("trainer.resume",)
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """`changed: key old -> new` for every setting of the current config that differs from the checkpoint's."""
+    return [
+        f"changed: {key} {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+        for key in sorted(set(saved) | set(current))
+        if key not in NOT_HYPERPARAMETERS and saved.get(key) != current.get(key)
+    ]
+
+
+def refuse_to_reuse(run_dir: Path, ckpt: CheckpointManager) -> None:
+    """trainer.resume=never starts a NEW run: refuse a folder that already holds one (its checkpoints and its
+    metrics would be overwritten or mixed with the new run's)."""
+    held = []
+    if latest := ckpt.latest():
+        held.append(f"committed checkpoints up to {latest.name}")
+    log = run_dir / "metrics.jsonl"
+    if log.is_file() and log.stat().st_size > 0:
+        held.append("a metrics.jsonl")
+    if held:
+        raise ValueError(
+            f"config key `trainer.run_name`: {run_dir} already holds a run ({' and '.join(held)}); "
+            "trainer.resume=never starts a new run and never overwrites one: choose a new trainer.run_name "
+            "(or continue this run with trainer.resume=auto)"
+        )
+
+
+def apply_optim_config(engine, optim: OptimConfig) -> None:
+    """Make the optimizer follow the current config after a checkpoint load.
+
+    Loading restores the saved param-group settings (lr, betas, eps, weight decay) and the schedule's base LR;
+    the moments, step counts and the schedule's position are what resuming is for and stay. Warmup, max_steps
+    and min_lr already come from the current config (the schedule's function is rebuilt from it).
+    """
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    for group, decay in zip(groups, (optim.weight_decay, 0.0)):  # param_groups(): [decay, no decay]
+        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay)
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _rank0_first(d: Dist, fn):
@@ -53,26 +105,17 @@ def _rank0_first(d: Dist, fn):
 
 
 def make_processor(cfg: TrainConfig, d: Dist) -> VLProcessor:
-    m, data = cfg.model, cfg.data
-    if m.kind == "tiny" and not m.tokenizer_path:
-        return _rank0_first(
-            d,
-            lambda: build_tiny_processor(
-                Path(data.cache_dir) / "tiny_processor",
-                corpus(),
-                min_pixels=data.min_pixels,
-                max_pixels=data.max_pixels,
-                patch_size=m.tiny.patch_size,
-                merge_size=m.tiny.spatial_merge_size,
-                temporal_patch_size=m.tiny.temporal_patch_size,
-            ),
-        )
-    path = m.tokenizer_path or (m.path if m.kind == "pretrained" else m.vision_path)
-    return load_processor(path, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    data = cfg.data
+    return _rank0_first(
+        d,
+        lambda: processor_for(
+            cfg.model, cache_dir=data.cache_dir, min_pixels=data.min_pixels, max_pixels=data.max_pixels
+        ),
+    )
 
 
 def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:
-    if cfg.data.shards:
+    if cfg.data.shards:  # data=shards without shards or mixture fails validation (naming data.shards)
         return list(cfg.data.shards)
     s = cfg.data.synthetic
     return _rank0_first(
@@ -85,6 +128,23 @@ def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:
             max_image_size=s.max_image_size,
             seed=s.seed,
         ),
+    )
+
+
+def make_sample_processor(
+    cfg: TrainConfig, processor: VLProcessor, encoding, pixels: str = "uint8"
+) -> SampleProcessor:
+    """Training rows carry uint8 pixels (expanded on the device, data/pixels.py); eval and probes use float32."""
+    return SampleProcessor(
+        processor,
+        encoding,
+        max_tokens=cfg.data.max_tokens,
+        layout=cfg.rope_layout(),
+        system_prompt=cfg.data.system_prompt,
+        dipe=cfg.rope.dipe,
+        video=cfg.data.video.sampling(),
+        pixels=pixels,
+        seed=cfg.data.seed,
     )
 
 
@@ -114,6 +174,11 @@ def build_session(cfg: TrainConfig) -> Session:
     seed_everything(cfg.trainer.seed, d.rank)
     run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
     flat = flatten(cfg)
+    ckpt = CheckpointManager(
+        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
+    )
+    if cfg.trainer.resume == "never":
+        refuse_to_reuse(run_dir, ckpt)
 
     processor = make_processor(cfg, d)
     encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
@@ -123,49 +188,62 @@ def build_session(cfg: TrainConfig) -> Session:
         special_ids=processor.special_ids,
         seed=cfg.trainer.seed,
     )
-    install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)  # the one seam
+    try:
+        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)  # the one seam
+    except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
+        if not any(h in str(e) for h in encoding.hparams):
+            raise
+        raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
     counts = apply_freeze(model, cfg.model.freeze)
     apply_activation_checkpointing(
         model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
     )
     objective = SFTObjective(model, zero_stage=cfg.deepspeed.stage, balance_vision=d.world_size > 1)
-    engine, _, _ = build_engine(objective, cfg, d.world_size)
 
-    ckpt = CheckpointManager(
-        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
-    )
     fingerprint = config_fingerprint(flat)
-    start_step, rank_state = 0, {}
     latest = ckpt.latest()
     if cfg.trainer.resume == "must" and latest is None:
         raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
-    if latest is not None and cfg.trainer.resume != "never":
-        ckpt.check_compatible(latest, fingerprint)
-        rank_state = ckpt.load(engine, latest)
-        start_step = rank_state["step"]
+    manifest = None
+    if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
+        manifest = ckpt.check_compatible(latest, fingerprint)
+    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
+    # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
+    resized = manifest is not None and manifest["world_size"] != d.world_size
+    if resized:
+        PackedRowStream.check_slots(cfg.data.num_slots, d.world_size, cfg.data.num_workers)
+        ckpt.universal(latest)
+    engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
+    rank_state = ckpt.load(engine, latest, manifest) if manifest is not None else {}
+    start_step = rank_state.get("step", 0)
+    changes = (
+        changed_settings(flatten(manifest.get("train_config", {})), flat) if manifest is not None else []
+    )
+    if any(c.startswith("changed: trainer.optim.") for c in changes):
+        apply_optim_config(engine, cfg.trainer.optim)
 
-    sample_processor = SampleProcessor(
-        processor,
-        encoding,
-        max_tokens=cfg.data.max_tokens,
-        layout=cfg.rope_layout(),
-        system_prompt=cfg.data.system_prompt,
-        dipe=cfg.rope.dipe,
-    )
+    sample_processor = make_sample_processor(cfg, processor, encoding)
     mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
-    stream = PackedRowStream(
-        None if mixture else shard_urls(cfg, d),
-        sample_processor,
-        max_tokens=cfg.data.max_tokens,
-        seed=cfg.data.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        error_policy=cfg.data.error_policy,
-        mixture=mixture or None,
+    stream = _rank0_first(  # rank 0 builds missing shard indexes, the others read them
+        d,
+        lambda: PackedRowStream(
+            None if mixture else shard_urls(cfg, d),
+            sample_processor,
+            max_tokens=cfg.data.max_tokens,
+            seed=cfg.data.seed,
+            rank=d.rank,
+            world_size=d.world_size,
+            num_slots=cfg.data.num_slots,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            error_policy=cfg.data.error_policy,
+            mixture=mixture or None,
+            index_cache_dir=cfg.data.cache_dir,
+            log=print if d.is_main else (lambda _: None),
+        ),
     )
-    # The checkpoint holds the exact stream position (per worker: shard cursors, RNG states, the records held
-    # in the shuffle buffer and the packer), so the resumed run sees exactly the rows an uninterrupted one would.
+    # The checkpoint holds the exact stream position (per virtual slot: shard cursors, RNG states, the record
+    # references held in the shuffle buffer and the packer), so the resumed run sees exactly the rows an
+    # uninterrupted one would, on this world size and worker count or another.
     data_state = rank_state.get("data")
     if start_step and data_state is None:
         raise ValueError(
@@ -178,19 +256,40 @@ def build_session(cfg: TrainConfig) -> Session:
         f"run dir: {run_dir}  world size: {d.world_size}  rope: {cfg.rope.name}"
         f"{' + DIPE' if cfg.rope.dipe else ''}  resume: {'step ' + str(start_step) if start_step else 'fresh'}"
     )
+    if resized:
+        metrics.print(
+            f"  resumed step {start_step} of world size {manifest['world_size']} on world size {d.world_size}: model "
+            f"and optimizer from {latest / 'universal'}, data position from {cfg.data.num_slots} virtual slots"
+        )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    for change in changes:  # resumed with other settings than the checkpoint's: say which, they apply now
+        metrics.print(change)
+    for line in video_report(stream):
+        metrics.print(line)
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
     trainer.tokens_seen = rank_state.get("tokens_seen", 0)
+    trainer.records = rank_state.get("records", 0)
+    trainer.skipped.update(rank_state.get("skipped", {}))
+    for url, reasons in rank_state.get("skipped_shards", {}).items():
+        trainer.skipped_shards.setdefault(url, Counter()).update(reasons)
+    peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
+    metrics.print(
+        f"MFU against {peak_tflops:g} TFLOP/s per device"
+        + (" (trainer.peak_tflops)" if cfg.trainer.peak_tflops else f" ({device_name(d.device)})")
+        if peak_tflops
+        else f"MFU: n/a (no known peak TFLOP/s for {device_name(d.device)}; set trainer.peak_tflops)"
+    )
     trainer.throughput = Throughput(
-        model.config, peak_tflops=cfg.trainer.peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
+        model.config, peak_tflops=peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
     )
     trainer.nonfinite_skips = rank_state.get("nonfinite_skips", 0)
     if cfg.trainer.eval.every > 0:
         from mmrope.train.eval import Evaluator, eval_shard_urls
 
         urls = eval_shard_urls(cfg, rank0_first=lambda fn: _rank0_first(d, fn))
-        trainer.evaluator = Evaluator(cfg, engine.module, sample_processor, encoding, urls, d.device)
+        eval_processor = make_sample_processor(cfg, processor, encoding, pixels="float32")
+        trainer.evaluator = Evaluator(cfg, engine.module, eval_processor, encoding, urls, d.device)
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 

@@ -13,11 +13,36 @@ import torch
 
 from mmrope.train.flops import mfu, seqlens_from_cu_seqlens, shapes_from_hf_config, step_flops
 
+# Dense bf16 tensor-core peak per device, TFLOP/s (NVIDIA datasheets list them "with sparsity": half of that).
+# Matched against `torch.cuda.get_device_name()` in this order (the first substring found wins).
+PEAK_TFLOPS_BF16 = (
+    ("H200 NVL", 835.5),
+    ("H200", 989.5),  # SXM
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.5),
+    ("H100", 989.5),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312.0),  # SXM4 and PCIe, 40 and 80 GB
+)
+
+
+def detect_peak_tflops(device_name: str | None) -> float | None:
+    """The dense bf16 peak of a known GPU by its name (e.g. "NVIDIA H200" -> 989.5), else None (CPU, unknown)."""
+    if not device_name:
+        return None
+    name = device_name.lower()
+    return next((peak for key, peak in PEAK_TFLOPS_BF16 if key.lower() in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
 
 class Throughput:
-    def __init__(self, hf_config, *, peak_tflops: float, world_size: int, freeze) -> None:
+    """`peak_tflops`: the device's peak for MFU; None (unknown device) leaves MFU out: it is reported "n/a"."""
+
+    def __init__(self, hf_config, *, peak_tflops: float | None, world_size: int, freeze) -> None:
         self.llm, self.vit = shapes_from_hf_config(hf_config)
-        self.peak_flops = peak_tflops * 1e12
+        self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
         self.world_size = world_size
         self.freeze = freeze
 
@@ -54,13 +79,15 @@ class Throughput:
             fused_lm_head=True,
         )
         total = flops["total"] * global_scale
-        return {
+        out = {
             "perf/tokens_per_s": tokens_global / step_seconds,
             "perf/samples_per_s": samples_global / step_seconds,
             "perf/tflops_per_device": total / step_seconds / self.world_size / 1e12,
-            "perf/mfu": mfu(total, step_seconds, self.peak_flops, self.world_size),
             "perf/peak_mem_gb": peak_memory_gb(),
         }
+        if self.peak_flops is not None:
+            out["perf/mfu"] = mfu(total, step_seconds, self.peak_flops, self.world_size)
+        return out
 
 
 def peak_memory_gb() -> float:

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,6 +79,55 @@ def test_exact_resume_and_refusals(tmp_path, cache_dir):
     with pytest.raises(ValueError, match=r"`rope"):
         session(cache_dir, tmp_path, *common, "trainer.resume=auto", "rope=vanilla")
 
+    # resume=never starts a new run: on a folder holding one it refuses, naming trainer.run_name, and
+    # touches nothing (no overwritten step, no moved `latest`, no second history in metrics.jsonl).
+    before = folder_snapshot(tmp_path / "exact")
+    with pytest.raises(ValueError, match=r"`trainer\.run_name`.*already holds a run"):
+        session(cache_dir, tmp_path, *common, "trainer.resume=never")
+    assert folder_snapshot(tmp_path / "exact") == before
+
+
+def folder_snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_changed_hyperparameters_says_so_and_applies_them(tmp_path, cache_dir, capsys):
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    common = ("trainer.run_name=changed", "trainer.max_steps=6", "trainer.optim.warmup_steps=1")
+    a = session(cache_dir, tmp_path, *common)
+    for _ in range(2):
+        record_step(a)
+    a.trainer.save()
+    a.metrics.close()
+    capsys.readouterr()
+
+    new = ("trainer.optim.lr=0.004", "trainer.optim.min_lr=0.0001", "trainer.optim.weight_decay=0.1")
+    b = session(cache_dir, tmp_path, *common, *new)
+    out = capsys.readouterr().out
+    assert "changed: trainer.optim.lr 0.002 -> 0.004" in out
+    assert "changed: trainer.optim.min_lr 0.0002 -> 0.0001" in out
+    assert "changed: trainer.optim.weight_decay 0.05 -> 0.1" in out
+    assert "changed: trainer.max_steps" not in out and "changed: trainer.resume" not in out
+    assert b.start_step == 2
+
+    # The changes are in force: the LR is transformers' schedule with the NEW settings at step 2, 3, ...
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=0.004)
+    ref = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, num_warmup_steps=1, num_training_steps=6, min_lr=0.0001
+    )
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    assert b.engine.get_lr()[0] == pytest.approx(ref.get_last_lr()[0], rel=1e-12)
+    opt.step()
+    ref.step()
+    assert record_step(b)[1] == pytest.approx(ref.get_last_lr()[0], rel=1e-12)
+    decay = [g["weight_decay"] for g in b.engine.lr_scheduler.optimizer.param_groups]
+    assert decay == [0.1, 0.0]
+    b.metrics.close()
+
 
 def test_nonfinite_raise_stops_before_the_update(tmp_path, cache_dir):
     s = session(
@@ -132,3 +183,13 @@ def test_nonfinite_skip_drops_the_update_and_counts(tmp_path, cache_dir):
         s.trainer.train_step()
     assert s.trainer.nonfinite_skips == 2
     s.metrics.close()
+
+
+def test_training_logs_its_first_step(tmp_path, cache_dir):
+    """Loss curves start at step 1, whatever trainer.log_every says (the last step is logged too)."""
+    s = session(cache_dir, tmp_path, "trainer.run_name=first", "trainer.max_steps=3", "trainer.log_every=10")
+    s.trainer.train()
+    s.metrics.close()
+    records = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 3]
+    assert all("train/loss" in r for r in records)

@@ -69,9 +69,10 @@ def test_eval_in_training_logs_loss_and_probe(tmp_path, cache_dir):
         s.metrics.close()
 
     by_step = {r["step"]: r for r in _records(tmp_path / name / "metrics.jsonl")}
-    # eval steps 2 and 4 get a record (step 2 is not a log_every step) holding train AND eval metrics
-    assert sorted(by_step) == [2, 3, 4]
-    assert "eval/loss" not in by_step[3]
+    # eval steps 2 and 4 get a record (step 2 is not a log_every step) holding train AND eval metrics; step 1
+    # is always logged (curves start there), step 3 is a log_every step
+    assert sorted(by_step) == [1, 2, 3, 4]
+    assert "eval/loss" not in by_step[1] and "eval/loss" not in by_step[3]
     for step in (2, 4):
         r = by_step[step]
         assert math.isfinite(r["train/loss"])

@@ -33,8 +33,10 @@ torch.save({"logits": logits, "chat_template": tok.chat_template,
 """
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_export_matches_training_model_in_a_fresh_process(tmp_path, cache_dir, stage):
+# ZeRO-3 also trains with a non-default mrope_section: stock transformers must split the rotary channels the
+# way training did (the export writes the section into config.json).
+@pytest.mark.parametrize("stage,section", [(2, None), (3, "[32,16,16]")])
+def test_export_matches_training_model_in_a_fresh_process(tmp_path, cache_dir, stage, section):
     from mmrope.model.install import seam_kwargs
 
     s = session(
@@ -45,6 +47,7 @@ def test_export_matches_training_model_in_a_fresh_process(tmp_path, cache_dir, s
         "trainer.resume=never",
         "trainer.max_steps=2",
         "trainer.optim.lr=1e-2",
+        *([f"rope.hparams.mrope_section={section}"] if section else []),
     )
     initial = None if stage == 3 else params(s)
     for _ in range(2):
@@ -111,3 +114,22 @@ def test_export_matches_training_model_in_a_fresh_process(tmp_path, cache_dir, s
     assert fresh["chat_template"], "chat template lost"
     encoding = json.loads((out / "mmrope_encoding.json").read_text())
     assert encoding["name"] == "mrope" and encoding["stock"] is True and encoding["trained_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "name,hparams,dipe,family,stock",
+    [
+        ("mrope", {}, False, "qwen2_5_vl", True),
+        ("mrope", {"mrope_section": [32, 16, 16]}, False, "qwen2_5_vl", True),  # written to config.json
+        ("mrope", {}, True, "qwen2_5_vl", False),  # DIPE: stock attention cannot do it
+        ("mrope_i", {}, False, "qwen2_5_vl", False),  # Qwen2.5-VL's stock rotary is chunked, not interleaved
+        ("mrope_i", {}, False, "qwen3_vl", True),
+        ("mrope_i", {"spatial_reset": True}, False, "qwen3_vl", False),  # stock positions never reset
+        ("mrope", {}, False, "qwen3_vl", False),
+        ("vanilla", {}, False, "qwen2_5_vl", False),
+    ],
+)
+def test_which_exports_stock_transformers_reproduces(name, hparams, dipe, family, stock):
+    from mmrope.train.export import is_stock
+
+    assert is_stock(name, hparams, dipe, family) is stock

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmrope.train.report import main as report_main
 from mmrope.train.report import write_report
-from tests.conftest import ROOT, clean_env, tiny_overrides
+from tests.readme import readme_commands, run_readme_command
 
 ENCODINGS = ("mrope", "mrope_i", "vanilla")
 STEPS = 3
-SWEEP = "enc_sweep"
+SWEEP = "rope_sweep"
+# The README's sweep command, verbatim (one after another, here), plus what makes it fast and points it at the
+# session's data cache. The appended overrides also make every run name hold several `key=value` pairs.
+SWEEP_COMMANDS = [c for c in readme_commands("python", "train.py", "-m") if f"hydra.job.name={SWEEP}" in c]
+(README_SWEEP,) = [c for c in SWEEP_COMMANDS if not any("launcher" in a for a in c)]
+FAST = [
+    "data.synthetic.num_samples=200",
+    "data.synthetic.samples_per_shard=100",
+    "data.max_tokens=512",
+    "data.num_workers=0",
+    f"trainer.max_steps={STEPS}",
+    "trainer.log_every=1",
+]
 
 
 def metrics(job_dir: Path) -> list[dict]:
@@ -31,30 +42,10 @@ def metrics(job_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory, cache_dir) -> Path:
-    out = tmp_path_factory.mktemp("sweep") / "runs"
-    # In a multirun the sweep folder is the place to choose (hydra.sweep.dir); every job sets its own
-    # trainer.output_dir from it, so trainer.output_dir is not passed on the command line.
-    base = [o for o in tiny_overrides(cache_dir, out) if not o.startswith("trainer.output_dir=")]
-    overrides = [
-        *base,
-        f"hydra.sweep.dir={out}/sweeps/{SWEEP}",
-        f"trainer.max_steps={STEPS}",
-        "trainer.log_every=1",
-        "trainer.save_every=100",
-        f"rope={','.join(ENCODINGS)}",
-        f"hydra.job.name={SWEEP}",
-    ]
-    env = clean_env(WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out / "sweeps" / SWEEP
+    cwd = tmp_path_factory.mktemp("sweep")
+    assert f"rope={','.join(ENCODINGS)}" in README_SWEEP and f"hydra.job.name={SWEEP}" in README_SWEEP
+    run_readme_command(README_SWEEP, cwd, f"data.cache_dir={cache_dir}", *FAST)  # wandb offline
+    return cwd / "runs" / "sweeps" / SWEEP
 
 
 @pytest.mark.slow
@@ -73,6 +64,9 @@ def test_each_run_has_its_own_named_folder_and_run_name(sweep_dir):
         assert (job_dir / "checkpoints" / f"step_{STEPS}").is_dir()
         overrides = yaml.safe_load((job_dir / ".hydra/overrides.yaml").read_text())
         assert f"trainer.wandb.group={SWEEP}" in overrides  # wandb groups the runs by sweep
+        # wandb ran (offline, as users run it) under an id it accepts, one run per job folder
+        (wandb_run,) = (job_dir / "wandb").glob("offline-run-*")
+        assert "," not in wandb_run.name and "=" not in wandb_run.name
     # nothing outside the sweep folder (no runs/tiny-default, no runs/<override_dirname>)
     assert sorted(p.name for p in sweep_dir.parent.parent.iterdir()) == ["sweeps"]
 
@@ -107,6 +101,8 @@ def test_report_table_and_plot(sweep_dir, tmp_path, capsys):
         assert float(cells[3]) == pytest.approx(records[-1]["train/loss"], abs=5e-5)
         assert float(cells[4]) == pytest.approx(min(r["train/loss"] for r in records), abs=5e-5)
         # perf/* columns: a parsed number where the trainer logs the metric, "n/a" where it does not
+        if not torch.cuda.is_available():
+            assert cells[6] == "n/a"  # no known peak TFLOP/s on a CPU: no MFU (it used to say 0.0%)
         for cell, key in zip(cells[5:], ("perf/tokens_per_s", "perf/mfu", "perf/peak_mem_gb")):
             if key in records[-1]:
                 assert re.fullmatch(r"[\d,]+(\.\d+)?%?", cell), (key, cell)
@@ -121,6 +117,32 @@ def test_report_table_and_plot(sweep_dir, tmp_path, capsys):
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[0] > 200 and pixels.shape[1] > 300
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.slow
+def test_readme_parallel_sweep_on_a_fresh_machine(tmp_path):
+    """The README's parallel sweep (submitit, local processes), verbatim from a fresh folder: its runs start at
+    once and all generate the data cache (.cache) on first use."""
+    (command,) = [c for c in SWEEP_COMMANDS if "hydra/launcher=local" in c]
+    run_readme_command(command, tmp_path, *FAST)
+    job_dirs = sorted(p.parent for p in (tmp_path / "runs" / "sweeps" / SWEEP).glob("*/metrics.jsonl"))
+    assert [next(p for p in d.name.split(",") if p.startswith("rope=")) for d in job_dirs] == [
+        f"rope={e}" for e in sorted(ENCODINGS)
+    ]
+    per_run = [[(r["step"], r["train/tokens"], r["train/samples"]) for r in metrics(d)] for d in job_dirs]
+    assert [s for s, _, _ in per_run[0]] == list(range(1, STEPS + 1))
+    assert all(p == per_run[0] for p in per_run), per_run  # one data set, seen alike by every run
+    assert (tmp_path / ".cache" / "synthetic" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_report_command(sweep_dir):
+    (command,) = [c for c in readme_commands("python", "-m", "mmrope.train.report") if SWEEP in c[3]]
+    out = run_readme_command(command, cwd=sweep_dir.parents[2])
+    report = sweep_dir / "report"
+    assert f"wrote {Path('runs/sweeps') / SWEEP / 'report' / 'report.md'}" in out
+    assert len([r for r in (report / "report.md").read_text().splitlines() if r.startswith("| `")]) == 3
+    assert (report / "loss.png").stat().st_size > 1000
 
 
 def _fake_run(sweep: Path, name: str, overrides: list[str], records: list[dict], dipe: bool = False) -> None:
@@ -161,3 +183,41 @@ def test_report_uses_perf_metrics_dedupes_resumed_steps_and_marks_missing(tmp_pa
 def test_report_refuses_a_folder_without_runs(tmp_path):
     with pytest.raises(ValueError, match="sweep_dir"):
         write_report(tmp_path, tmp_path / "out")
+
+
+def _run_with(sweep: Path, folder: str, overrides: list[str], rope: dict, losses: list[float]) -> None:
+    job = sweep / folder
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra/config.yaml").write_text(yaml.safe_dump({"rope": rope}))
+    records = [{"step": i + 1, "train/loss": v} for i, v in enumerate(losses)]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_loss_plot_legends_name_the_encoding_and_can_use_a_log_scale(tmp_path):
+    from mmrope.train.report import load_sweep, loss_figure
+
+    # A DIPE sweep on one encoding: only `rope.dipe` differs, the legend must still say which encoding.
+    dipe = tmp_path / "dipe"
+    _run_with(dipe, "rope.dipe=false", ["rope.dipe=false"], {"name": "mrope", "dipe": False}, [5.0, 2.0])
+    _run_with(dipe, "rope.dipe=true", ["rope.dipe=true"], {"name": "mrope", "dipe": True}, [5.0, 1.0])
+    fig = loss_figure(load_sweep(dipe), "dipe", log_y=True)
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["mrope", "mrope + DIPE"]
+    assert ax.get_yscale() == "log"
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines()) == [1, 1]  # curves start at step 1
+
+    # Two encodings x two learning rates: encoding first, then the override that tells the runs apart.
+    grid = tmp_path / "grid"
+    for enc in ("mrope", "vanilla"):
+        for lr in ("0.001", "0.002"):
+            over = [f"rope={enc}", f"trainer.optim.lr={lr}"]
+            _run_with(grid, ",".join(over), over, {"name": enc, "dipe": False}, [3.0])
+    legend = sorted(r.legend for r in load_sweep(grid))
+    assert legend == [
+        "mrope (trainer.optim.lr=0.001)",
+        "mrope (trainer.optim.lr=0.002)",
+        "vanilla (trainer.optim.lr=0.001)",
+        "vanilla (trainer.optim.lr=0.002)",
+    ]
+    assert loss_figure(load_sweep(grid), "grid").axes[0].get_yscale() == "linear"

@@ -1,152 +1,152 @@
-"""Data-path benchmark (not a test): samples/s per worker for read + decode + process + pack, and packing
-efficiency (non-pad fraction of rows) at max_tokens 32768, on a LLaVA-like mix.
+"""Data-path benchmark (not a test) at real resolution with the paper's loader settings: peak RSS per DataLoader
+worker, samples/s and tokens/s per worker, whether RSS grows with the shuffle buffer, and packing efficiency
+planned from the shard indexes.
 
-    PYTHONPATH=. .venv/bin/python tests/perf/bench_data.py [--num-samples 300] [--max-tokens 32768]
+    PYTHONPATH=. .venv/bin/python tests/perf/bench_data.py [--num-samples 1000] [--rows 12] [--workers 4]
 
-The mix: JPEG photos-like images of 200..1200 px per side (noise + gradients, so JPEG sizes are realistic),
-80% one image, 10% two images, 10% text only; 1-4 turns; answers of 5..300 words. Resized by the Qwen
-min/max pixel defaults of configs/data/shards.yaml (max 1003520 px -> up to 1280 visual tokens per image).
-Throughput is one consumer (= one DataLoader worker). Packing efficiency is measured on the rows the real
-stream produced, and, for a stable figure, on 20k lengths resampled from the processed samples.
+Data: tests/perf/llava_like.py (JPEG images of 256..1600 px per side, some two/three-image samples, 5% mp4 video
+files, 10% text only), converted with `python -m data.convert` (shard indexes with token counts). Loader: the
+`data=shards` settings (max_pixels 1003520, Qwen2.5-VL video sampling, 32768-token rows, 64 slots, 4 workers),
+run once with shuffle_buffer 64 and once with 1024 on the same data. Peak RSS is the kernel's high-water mark
+(VmHWM) of each worker process, shared pages (torch, the parent's heap) included. Throughput is per worker:
+a worker's samples over the wall time, and over its own CPU time (the machine's cores may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import random
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import webdataset as wds
-from PIL import Image
-
+from data import index as shard_index
 from data.loader import PackedRowStream, ResumableLoader
-from data.packing import BestFitPacker
-from data.processing import Sample, SampleProcessor
+from data.processing import SampleProcessor
 from data.processor import build_tiny_processor
 from data.synthetic import corpus
+from data.video import QWEN_VIDEO
 from mmrope.encodings import build
+from tests.perf.llava_like import build as build_shards
 
-WORDS = (
-    "the a red blue green image shows circle square left right top bottom large small colour shape".split()
-)
-
-
-def _jpeg(rng: random.Random, w: int, h: int) -> bytes:
-    nprng = np.random.default_rng(rng.randrange(1 << 30))
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 255 // max(w, 1)), (yy * 255 // max(h, 1)), ((xx + yy) % 256)], -1)
-    noise = nprng.integers(0, 40, size=(h, w, 3))
-    buf = io.BytesIO()
-    Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+GIB = 1 << 30
 
 
-def _text(rng: random.Random, lo: int, hi: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+def _status(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
-def make_shards(out: Path, num_samples: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / "bench-%04d.tar"), maxcount=100, verbose=0) as sink:
-        for i in range(num_samples):
-            kind = rng.random()
-            num_images = 0 if kind < 0.1 else (2 if kind < 0.2 else 1)
-            record = {"__key__": f"{i:08d}"}
-            parts = []
-            for j in range(num_images):
-                record[f"img{j}.jpg"] = _jpeg(rng, rng.randint(200, 1200), rng.randint(200, 1200))
-                parts.append({"type": "image", "image": f"img{j}.jpg"})
-            messages = []
-            for turn in range(rng.randint(1, 4)):
-                q = _text(rng, 5, 30)
-                content = [*parts, {"type": "text", "text": q}] if turn == 0 and parts else q
-                messages += [
-                    {"role": "user", "content": content},
-                    {"role": "assistant", "content": _text(rng, 5, 300)},
-                ]
-            record["json"] = json.dumps({"messages": messages}).encode()
-            sink.write(record)
-    return sorted(str(p) for p in out.glob("bench-*.tar"))
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-class _Len(Sample):
-    """A stand-in with only a length, for packing many resampled lengths quickly."""
-
-    def __init__(self, n: int, key: str):
-        self.key, self._n = key, n
-
-    @property
-    def num_tokens(self) -> int:
-        return self._n
-
-
-def efficiency(lengths: list[int], max_tokens: int, num_open: int) -> tuple[float, float]:
-    """(efficiency over all rows, over rows completed before the final flush)."""
-    packer = BestFitPacker(max_tokens, num_open)
-    done = [r for i, n in enumerate(lengths) for r in packer.add(_Len(n, str(i)))]
-    tail = packer.flush()
-
-    def eff(rows):
-        return sum(s.num_tokens for r in rows for s in r) / (max_tokens * len(rows)) if rows else float("nan")
-
-    return eff(done + tail), eff(done)
+def run(shards, proc, *, shuffle_buffer: int, workers: int, rows: int, slots: int, max_tokens: int) -> dict:
+    stream = PackedRowStream(
+        shards, proc, max_tokens=max_tokens, num_slots=slots, shuffle_buffer=shuffle_buffer, seed=0
+    )
+    loader = ResumableLoader(stream, workers)
+    tic = time.perf_counter()
+    got = [next(loader) for _ in range(rows)]
+    wall = time.perf_counter() - tic
+    pids = [w.pid for w in loader._it._workers]  # DataLoader's worker processes
+    peak = [_status(pid, "VmHWM") for pid in pids]
+    cpu = [_cpu_seconds(pid) for pid in pids]
+    del loader
+    per_worker = [got[k::workers] for k in range(workers)]
+    samples = [sum(r["num_samples"] for r in rs) for rs in per_worker]
+    tokens = [sum(int(r["input_ids"].numel()) for r in rs) for rs in per_worker]
+    pixel_mb = max(r.get("pixel_values", r["input_ids"]).numel() for r in got) / 2**20
+    return {
+        "wall": wall,
+        "peak": peak,
+        "samples": samples,
+        "tokens": tokens,
+        "cpu": cpu,
+        "videos": sum(len(r["videos"]) for r in got),
+        "images": sum(len(r["image_grid_thw"]) for r in got),
+        "max_row_pixel_mb": pixel_mb,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--num-samples", type=int, default=300)
+    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--rows", type=int, default=12, help="rows per run (over all workers)")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32768)
-    ap.add_argument("--num-open-rows", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--buffers", type=int, nargs="+", default=[64, 1024])
+    ap.add_argument("--data", type=Path, default=None, help="reuse a llava_like folder (else a temp dir)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        t0 = time.perf_counter()
-        shards = make_shards(tmp / "shards", args.num_samples)
-        print(
-            f"generated {args.num_samples} samples in {len(shards)} shards: {time.perf_counter() - t0:.1f} s"
-        )
+        root = args.data or Path(tmp)
         processor = build_tiny_processor(
-            tmp / "proc",
-            corpus(),
-            min_pixels=3136,
-            max_pixels=1003520,
-            patch_size=14,
-            merge_size=2,
-            temporal_patch_size=2,
+            root / "proc", corpus(), min_pixels=3136, max_pixels=1003520, patch_size=14, merge_size=2
         )
-        proc = SampleProcessor(processor, build("mrope"), max_tokens=args.max_tokens, layout="qwen2_5")
-        stream = PackedRowStream(shards, proc, max_tokens=args.max_tokens, epochs=1, shuffle_buffer=64)
-        t0 = time.perf_counter()
-        rows = list(ResumableLoader(stream, 0))
-        dt = time.perf_counter() - t0
-        num = sum(r["num_samples"] for r in rows)
-        tokens = sum(int(r["input_ids"].numel()) for r in rows)
-        print(
-            f"read+decode+process+pack: {num} samples, {tokens} tokens, {len(rows)} rows in {dt:.1f} s -> "
-            f"{num / dt:.1f} samples/s/worker, {tokens / dt:,.0f} tokens/s/worker"
+        shards = sorted(str(p) for p in (root / "shards").glob("shard-*.tar"))
+        if not shards:
+            tic = time.perf_counter()
+            shards = build_shards(root, args.num_samples, processor=str(root / "proc"))
+            print(f"generated + converted {args.num_samples} samples: {time.perf_counter() - tic:.0f} s")
+        proc = SampleProcessor(
+            processor,
+            build("mrope"),
+            max_tokens=args.max_tokens,
+            layout="qwen2_5",
+            video=QWEN_VIDEO,
+            pixels="uint8",
         )
-        full = [r for r in rows[:-8]]  # rows before the final flush (at most num_open_rows=8 come from it)
-        if full:
-            eff = sum(int(r["input_ids"].numel()) for r in full) / (args.max_tokens * len(full))
-            print(f"packing efficiency of the stream's rows (excluding the final flush): {eff:.2%}")
+        # Packing planned from the indexes' token counts (nothing decoded).
         lengths = []
-        for r in rows:
-            cu = r["cu_seqlens"].tolist()
-            lengths += [b - a for a, b in zip(cu, cu[1:])]
-        print(f"sample length: mean {np.mean(lengths):.0f}, p50 {np.median(lengths):.0f}, max {max(lengths)}")
+        for url in shards:
+            idx = shard_index.load_or_build(url, planner=proc)
+            lengths += [r["num_tokens"][proc.fingerprint] for r in idx.records]
+        ok = [n for n in lengths if isinstance(n, int) and n <= args.max_tokens]
         rng = random.Random(0)
-        resampled = [rng.choice(lengths) for _ in range(20_000)]
-        for num_open in args.num_open_rows:
-            all_rows, steady = efficiency(resampled, args.max_tokens, num_open)
+        resampled = [rng.choice(ok) for _ in range(20_000)]
+        num_rows = shard_index.plan_rows(resampled, args.max_tokens)
+        print(
+            f"data: {len(shards)} shards, {len(lengths)} samples, mean {sum(ok) / len(ok):.0f} tokens, max {max(ok)}; "
+            f"packing planned from the index (20k resampled lengths, 8 open rows): "
+            f"{sum(resampled) / (num_rows * args.max_tokens):.2%} of {num_rows} rows x {args.max_tokens}"
+        )
+        results = {}
+        for buffer in args.buffers:
+            r = run(
+                shards,
+                proc,
+                shuffle_buffer=buffer,
+                workers=args.workers,
+                rows=args.rows,
+                slots=args.slots,
+                max_tokens=args.max_tokens,
+            )
+            results[buffer] = r
             print(
-                f"packing efficiency, 20k resampled lengths, num_open_rows={num_open}: "
-                f"{steady:.2%} (steady state), {all_rows:.2%} (including the final flush)"
+                f"shuffle_buffer {buffer}: {args.rows} rows of {args.max_tokens} tokens ({r['images']} images, "
+                f"{r['videos']} videos; largest row {r['max_row_pixel_mb']:.0f} MB of uint8 pixels) in {r['wall']:.0f} s"
+            )
+            for k in range(args.workers):
+                print(
+                    f"  worker {k}: peak RSS {r['peak'][k] / GIB:.2f} GiB; {r['samples'][k]} samples, "
+                    f"{r['tokens'][k]:,} tokens: {r['samples'][k] / r['wall']:.2f} samples/s, "
+                    f"{r['tokens'][k] / r['wall']:,.0f} tokens/s (wall); {r['samples'][k] / r['cpu'][k]:.2f} samples/s, "
+                    f"{r['tokens'][k] / r['cpu'][k]:,.0f} tokens/s per CPU second"
+                )
+        if len(results) > 1:
+            print(f"main process peak RSS: {_status(__import__('os').getpid(), 'VmHWM') / GIB:.2f} GiB")
+            lo, hi = min(results), max(results)
+            ratio = max(results[hi]["peak"]) / max(results[lo]["peak"])
+            print(
+                f"peak RSS per worker: max {max(results[hi]['peak']) / GIB:.2f} GiB at shuffle_buffer {hi}, "
+                f"{max(results[lo]['peak']) / GIB:.2f} GiB at {lo}: ratio {ratio:.3f} (goal <= 1.2); "
+                f"goal <= 2 GiB: {'met' if max(max(r['peak']) for r in results.values()) <= 2 * GIB else 'MISSED'}"
             )
 
 

@@ -28,6 +28,11 @@ def missing_values(node, prefix: str) -> list[str]:
 
 
 register_configs()
+TINY_8_KV_HEADS = [
+    "model.tiny.hidden_size=1024",
+    "model.tiny.num_attention_heads=8",
+    "model.tiny.num_key_value_heads=8",
+]
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -46,7 +51,7 @@ def compose_cfg(overrides: list[str]):
 
 
 # mhrope assigns whole KV heads to t/h/w: its shipped config (8 KV heads) needs a tiny model with 8 KV heads.
-FITTING_MODEL = {"rope=mhrope": ["model.tiny.num_attention_heads=8", "model.tiny.num_key_value_heads=8"]}
+FITTING_MODEL = {"rope=mhrope": TINY_8_KV_HEADS}  # whole KV heads per axis: 8 of them, head_dim 128
 
 
 def test_there_is_something_to_compose():
@@ -86,6 +91,11 @@ def test_issue_example_overrides_compose():
         ("deepspeed.offload_param=true", "deepspeed.offload_param"),
         ("data.error_policy=ignore", "data.error_policy"),
         ("trainer.run_name=a/b", "trainer.run_name"),
+        # the encoding's hyperparameters, also their fit to the model's heads (before anything is built)
+        ("rope.hparams.mrope_section=[8,8,8]", "rope.hparams.mrope_section"),
+        ("rope.hparams.mrope_section=[8,8]", "rope.hparams.mrope_section"),
+        ("+rope.hparams.not_a_knob=1", "rope.hparams.not_a_knob"),
+        ("rope=mhrope", "rope.hparams.num_key_value_heads"),  # built for 8 KV heads, the tiny model has 1
     ],
 )
 def test_bad_values_name_their_key(override, key):
@@ -109,7 +119,7 @@ def test_global_batch_must_divide():
     [
         (["model.family=qwen3_5", "rope=mhrope"], "rope.hparams.num_key_value_heads"),  # 1 KV head, mhrope 8
         (["rope=ilrope", "rope.hparams.text_axes=spatial"], "rope.hparams.text_axes"),
-        (["rope=mrope", "+rope.hparams.text_axes=temporal"], "rope.hparams"),  # not an mrope hyperparameter
+        (["rope=mrope", "+rope.hparams.text_axes=temporal"], "rope.hparams.text_axes"),  # not an mrope one
         (
             ["rope=mrope", "rope.hparams.mrope_section=[16,24,8]"],
             "rope.hparams.mrope_section",
@@ -150,3 +160,68 @@ def test_every_family_takes_the_tiny_model_and_its_layout(family):
     cfg = validate(compose_cfg([f"model.family={family}", "rope=mrope_i"]))
     expected = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2_5"}.get(family, "qwen3")
     assert cfg.model.family == family and cfg.rope_layout() == expected
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
+    cfg = validate(compose_cfg(["trainer.max_steps=2"]))  # the default warmup is longer than 2 steps
+    assert OmegaConf.load(CONFIGS / "trainer" / "default.yaml").optim.warmup_steps > 2
+    assert cfg.trainer.optim.warmup_steps == 2
+    out = capsys.readouterr().out
+    assert "trainer.optim.warmup_steps" in out and "clamped to 2" in out
+    # a warmup that fits is left alone, silently
+    cfg = validate(compose_cfg(["trainer.max_steps=50", "trainer.optim.warmup_steps=5"]))
+    assert cfg.trainer.optim.warmup_steps == 5 and "clamped" not in capsys.readouterr().out
+
+
+def test_peak_tflops_is_detected_by_default_and_settable():
+    assert validate(compose_cfg([])).trainer.peak_tflops is None  # detect (H100, H200, A100), else MFU n/a
+    assert validate(compose_cfg(["trainer.peak_tflops=400"])).trainer.peak_tflops == 400
+    with pytest.raises(ValueError, match="`trainer.peak_tflops`"):
+        validate(compose_cfg(["trainer.peak_tflops=0"]))
+
+
+def test_data_shards_without_shards_fails_naming_the_key():
+    """`data=shards` alone used to train silently on the synthetic set."""
+    with pytest.raises(ValueError, match=r"`data\.shards`"):
+        validate(compose_cfg(["data=shards"]))
+    with pytest.raises(ValueError, match=r"`data\.shards`"):
+        validate(compose_cfg(["data=shards", "data.shards=[]"]))
+
+
+def readme_data_commands() -> list[str]:
+    """Every `python train.py ...` command of the README that sets data.shards or data.mixture, verbatim."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in text.split("```")[1::2]:  # fenced code blocks
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("python train.py") and ("data.shards=" in line or "data.mixture=" in line):
+                commands.append(line)
+    return commands
+
+
+def test_readme_brace_and_mixture_commands_work_verbatim():
+    import shlex
+
+    import braceexpand
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    commands = readme_data_commands()
+    assert any("{" in c and "data.shards=" in c for c in commands), "the README lost its brace example"
+    assert any("data.mixture=" in c for c in commands), "the README lost its mixture example"
+    parser = OverridesParser.create()
+    for command in commands:
+        overrides = [a for a in shlex.split(command)[2:] if "=" in a and not a.startswith("-")]
+        parsed = parser.parse_overrides(overrides)  # Hydra's own grammar: raises on what the shell hands it
+        # A multirun's sweep (rope=mrope,vanilla) is one job per value; the data settings are what is checked here.
+        cfg = validate(compose_cfg([o.input_line for o in parsed if not o.is_sweep_override()]))
+        assert cfg.data.shards or cfg.data.mixture, command
+        urls = [u for pattern in cfg.data.shards for u in braceexpand.braceexpand(pattern)]
+        urls += [
+            u for m in cfg.data.mixture for pattern in m["shards"] for u in braceexpand.braceexpand(pattern)
+        ]
+        if "{0" in command:  # a brace range (not the mixture's own braces) expands to more URLs than patterns
+            assert len(urls) > len(cfg.data.shards) + len(cfg.data.mixture), (
+                f"no brace range expanded: {command}"
+            )
+        assert all("{" not in u for u in urls)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mmrope.model.build import build_model
+from mmrope.model.config import FreezeConfig, ModelConfig, TinyModelConfig
 from mmrope.model.freeze import apply_freeze
 from mmrope.model.recompute import apply_activation_checkpointing
-from mmrope.train.config import FreezeConfig, ModelConfig, TinyModelConfig
 
 SPECIAL = {
     "image_token_id": 5,

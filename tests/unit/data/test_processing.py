@@ -122,6 +122,26 @@ def test_bad_records_raise_their_reason(proc, rec, reason):
     assert e.value.reason == reason
 
 
+def test_errors_name_the_records_own_id(proc, tmp_path):
+    """A converted record keeps its source id in the .json member: errors name it, not only the shard key."""
+    messages = [{"role": "user", "content": "word " * 600}, {"role": "assistant", "content": "x"}]
+    rec = {"__key__": "000000007", "json": json.dumps({"messages": messages, "id": "llava-42"}).encode()}
+    with pytest.raises(SampleError, match="llava-42") as e:
+        proc(rec)
+    assert e.value.reason == "too_long" and "max_tokens=512" in str(e.value)
+
+    import webdataset as wds
+
+    from data.loader import DataError
+
+    shard = tmp_path / "shard-000000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        w.write(rec)
+    stream = PackedRowStream([str(shard)], proc, max_tokens=512, epochs=1, error_policy="raise")
+    with pytest.raises(DataError, match=r"too_long.*record id 'llava-42'.*000000007"):
+        next(iter(stream))
+
+
 def test_packed_row_positions_equal_each_sample_alone(proc, synthetic_shards):
     stream = PackedRowStream(synthetic_shards, proc, max_tokens=512, epochs=1, shuffle_buffer=8)
     row = next(iter(stream))
@@ -163,6 +183,5 @@ def test_corrupt_shard_is_counted_not_fatal_under_skip(proc, synthetic_shards, t
     stream = PackedRowStream([str(bad), synthetic_shards[1]], proc, max_tokens=512, epochs=1)
     rows = list(stream)
     assert rows and sum(r["skipped"].get("bad_shard", 0) for r in rows) >= 1
-    strict = PackedRowStream([str(bad)], proc, max_tokens=512, epochs=1, error_policy="raise")
     with pytest.raises(Exception, match="bad_shard"):
-        list(strict)
+        list(PackedRowStream([str(bad)], proc, max_tokens=512, epochs=1, error_policy="raise"))

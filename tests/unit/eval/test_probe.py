@@ -197,7 +197,7 @@ def test_probe_cli_on_exported_dirs(tmp_path, tiny_processor, synthetic_shards):
 
     from mmrope.eval.probe import main
     from mmrope.model.build import build_model
-    from mmrope.train.config import ModelConfig
+    from mmrope.model.config import ModelConfig
 
     model = build_model(
         ModelConfig(),
@@ -246,3 +246,48 @@ def test_probe_cli_on_exported_dirs(tmp_path, tiny_processor, synthetic_shards):
     assert (tmp_path / "probe.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="--distances"):
         main([*argv[:2], "--distances", "0,x", "--out", str(tmp_path), "--checkpoint", dirs[0]])
+
+
+def test_probe_counts_what_it_skips_and_writes_after_every_checkpoint(
+    tmp_path, tiny_processor, synthetic_shards, capsys
+):
+    import csv
+    import json
+    from collections import Counter
+
+    import webdataset as wds
+
+    from data.processing import SampleProcessor
+    from mmrope.encodings import build
+    from mmrope.eval.probe import load_probe_samples, main, read_records
+    from mmrope.model.build import build_model
+    from mmrope.model.config import ModelConfig
+
+    sp = SampleProcessor(tiny_processor, build("mrope"), max_tokens=4096, layout="qwen2_5")
+    skipped: Counter = Counter()
+    samples = load_probe_samples(read_records(synthetic_shards[:1]), sp, 40, skipped=skipped)
+    records = list(wds.tarfile_to_samples()([{"url": synthetic_shards[0]}]))
+    seen = records[: len(samples) + sum(skipped.values())]
+    text_only = sum(not any(k.startswith(("img", "vid")) for k in r) for r in seen)
+    video_only = sum(
+        any(k.startswith("vid") for k in r) and not any(k.startswith("img") for k in r) for r in seen
+    )
+    assert text_only > 0 and skipped["no_image"] == text_only  # counted, by reason
+    assert skipped["video_only"] == video_only
+
+    model = build_model(
+        ModelConfig(), vocab_size=len(tiny_processor.tokenizer), special_ids=tiny_processor.special_ids
+    )
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    tiny_processor.save(good)
+    meta = {"name": "mrope", "hparams": {}, "dipe": False, "layout": "qwen2_5", "model_family": "qwen2_5_vl"}
+    (good / "mmrope_encoding.json").write_text(json.dumps(meta))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    argv = ["--data", synthetic_shards[0], "--distances", "0", "--num-samples", "40", "--out", str(tmp_path)]
+    with pytest.raises(ValueError, match="broken"):
+        main([*argv, "--checkpoint", str(good), "--checkpoint", str(broken)])
+    assert f"no_image={text_only}" in capsys.readouterr().out  # the CLI says what it skipped
+    rows = list(csv.DictReader((tmp_path / "probe.csv").open()))
+    assert rows and {r["checkpoint"] for r in rows} == {str(good)}  # the first checkpoint's results are kept

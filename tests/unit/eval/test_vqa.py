@@ -121,6 +121,15 @@ def _json_items(tmp_path: Path) -> Path:
     return path
 
 
+def _with_text_only_item(tmp_path: Path) -> Path:
+    """The items of `_json_items` with a text-only one in the middle (no image to put distractors after)."""
+    lines = _json_items(tmp_path).read_text().splitlines()
+    text_only = json.dumps({"id": "t0", "question": "What is 2 plus 2?", "answer": "4"})
+    path = tmp_path / "items_with_text.jsonl"
+    path.write_text("\n".join([*lines[:2], text_only, *lines[2:]]) + "\n")
+    return path
+
+
 def test_read_items_from_json_jsonl_and_shards(tmp_path, synthetic_shards):
     from mmrope.eval.vqa import OPEN_INSTRUCTION, OPTIONS_INSTRUCTION, read_items
 
@@ -198,7 +207,7 @@ def _export_tiny(
     `always` and `always` to <|im_end|> (random 128-d embeddings are nearly orthogonal, so those rows win).
     """
     from mmrope.model.build import build_model
-    from mmrope.train.config import ModelConfig, TinyModelConfig
+    from mmrope.model.config import ModelConfig, TinyModelConfig
 
     # One head of head_dim 128, like real Qwen-VL: every shipped rope config fits.
     tiny = TinyModelConfig(
@@ -244,7 +253,7 @@ def exported(tmp_path_factory, tiny_processor) -> list[Path]:
 def test_cli_end_to_end(tmp_path, exported):
     from mmrope.eval.scoring import score as reference_score
 
-    data = _json_items(tmp_path)
+    data = _with_text_only_item(tmp_path)  # skipped and counted, not a crash
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -271,7 +280,11 @@ def test_cli_end_to_end(tmp_path, exported):
 
     with (out / "vqa.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [list(r) for r in rows] == [["checkpoint", "distance", "n", "accuracy"]] * 4
+    assert [list(r) for r in rows] == [["checkpoint", "distance", "n", "skipped", "accuracy"]] * 4
+    assert {r["skipped"] for r in rows} == {"1"}
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["key"], s["reason"]) for s in skipped] == [("t0", "no_image")] * 2  # once per checkpoint
+    assert "skipped 1 of 4 items (no_image=1" in proc.stdout
     assert [(r["checkpoint"], int(r["distance"])) for r in rows] == [
         (str(exported[0]), 0),
         (str(exported[0]), 32),
@@ -310,8 +323,8 @@ def test_pipeline_answer_equals_greedy_generate_on_the_reference_prompt(tmp_path
     items = read_items([str(_json_items(tmp_path))])
     ckpt = load_checkpoint(exported[1], device=torch.device("cpu"))
     corpus = load_corpus(None)
-    _, batched = evaluate(ckpt, items, [32], corpus, max_new_tokens=5, batch_size=3, progress=False)
-    _, single = evaluate(ckpt, items, [32], corpus, max_new_tokens=5, batch_size=1, progress=False)
+    _, batched, _ = evaluate(ckpt, items, [32], corpus, max_new_tokens=5, batch_size=3, progress=False)
+    _, single, _ = evaluate(ckpt, items, [32], corpus, max_new_tokens=5, batch_size=1, progress=False)
     assert [p["prediction"] for p in batched] == [p["prediction"] for p in single]
 
     item = items[0]
@@ -340,6 +353,44 @@ def test_pipeline_answer_equals_greedy_generate_on_the_reference_prompt(tmp_path
     eos = tiny_processor.special_ids["eos_token_id"]
     new = new[: new.index(eos)] if eos in new else new
     assert single[0]["prediction"] == tiny_processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_text_only_shard_records_are_skipped_with_a_reason(synthetic_shards, tiny_processor):
+    """The generated shards hold text-only samples (arithmetic): they are counted as `no_image`, not a crash."""
+    from data.processing import SampleProcessor
+    from mmrope.encodings import build
+    from mmrope.eval.vqa import read_items, usable_items
+
+    items = read_items(synthetic_shards[:1], limit=60)
+    sp = SampleProcessor(tiny_processor, build("mrope"), max_tokens=1 << 30, layout="qwen2_5")
+    usable, skipped = usable_items(items, sp, checkpoint="c")
+    text_only = {i.key for i in items if not i.images}
+    assert text_only, "no text-only record among the first 60: the test would not test anything"
+    assert {s["key"] for s in skipped} == text_only and {s["reason"] for s in skipped} == {"no_image"}
+    assert len(usable) + len(skipped) == len(items)
+
+
+def test_results_are_written_as_they_come(tmp_path, exported):
+    """A run that stops at its second checkpoint keeps the first one's table, plot and predictions."""
+    from mmrope.eval.vqa import run_vqa
+
+    out = tmp_path / "out"
+    broken = tmp_path / "broken_checkpoint"
+    broken.mkdir()
+    with pytest.raises(ValueError, match="broken_checkpoint"):
+        run_vqa(
+            [str(exported[0]), str(broken)],
+            [str(_json_items(tmp_path))],
+            out,
+            distances=[0],
+            max_new_tokens=2,
+            progress=False,
+        )
+    with (out / "vqa.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["checkpoint"], r["n"]) for r in rows] == [(str(exported[0]), "3")]
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    assert (out / "vqa.png").stat().st_size > 1000
 
 
 def test_cli_rejects_bad_arguments(tmp_path, exported):

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mmrope.model.build import build_model, compose_vlm
-from mmrope.train.config import ModelConfig, TinyModelConfig
+from mmrope.model.config import ModelConfig, TinyModelConfig
 
 SPECIAL = {
     "image_token_id": 5,

@@ -1,0 +1,112 @@
+"""Typed configuration schemas of the model: what `mmrope.model.build` builds and `mmrope.model.freeze` freezes.
+
+They live with the model (not with training) so that model code never imports the training package;
+`mmrope.train.config.TrainConfig` composes them with the training, data and encoding schemas.
+Validation runs in `__post_init__` and raises `ValueError` naming the config key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmrope.attention import PACKED_BACKENDS
+from mmrope.model.families import FAMILIES
+
+MODEL_KINDS = ("tiny", "pretrained", "composed")
+MODEL_FAMILIES = tuple(FAMILIES)  # qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe
+COMPOSED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # ViT + connector of a VLM, LLM of a plain causal LM
+ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config key `{key}`: {message}")
+
+
+def _one_of(value: Any, choices: tuple, key: str) -> None:
+    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny Qwen-VL built from config for the embedded default and the tests."""
+
+    # head_dim 128 like every real Qwen-VL, so the shipped rope configs ([16,24,24] = 64 rotary pairs) fit as is.
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    intermediate_size: int = 512
+    rope_theta: float = 1_000_000.0
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_num_heads: int = 2
+    vision_intermediate_size: int = 64
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.tiny.hidden_size",
+            "must be divisible by num_attention_heads",
+        )
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "model.tiny.num_key_value_heads",
+            "must divide num_attention_heads",
+        )
+        _require(
+            (self.hidden_size // self.num_attention_heads) % 2 == 0,
+            "model.tiny.hidden_size",
+            "head_dim (hidden_size / num_attention_heads) must be even for rotary embeddings",
+        )
+
+
+@dataclass
+class FreezeConfig:
+    """Which module groups train. Paper default: ViT frozen; connector and LLM (with lm_head) trained."""
+
+    vision: bool = True
+    connector: bool = False
+    llm: bool = False
+    lm_head: bool = False
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "tiny"  # tiny | pretrained (one local VLM checkpoint) | composed (ViT+connector from one, LLM from another)
+    family: str = "qwen2_5_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5 | qwen3_5_moe
+    path: str | None = None  # kind=pretrained: local VLM checkpoint directory
+    vision_path: str | None = (
+        None  # kind=composed: local VLM checkpoint providing ViT + connector (+ processor)
+    )
+    llm_path: str | None = None  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
+    tokenizer_path: str | None = None  # default: the checkpoint's (or the locally built tiny tokenizer)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    attn_backend: str = "auto"  # auto: torch's varlen FlashAttention on CUDA (bf16), per-sample SDPA on CPU
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    activation_checkpointing: str = (
+        "none"  # none | all | every_k (LLM decoder layers; the frozen ViT stores nothing)
+    )
+    activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, MODEL_KINDS, "model.kind")
+        _one_of(self.activation_checkpointing, ("none", "all", "every_k"), "model.activation_checkpointing")
+        _require(
+            self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every", "must be >= 1"
+        )
+        _one_of(self.family, MODEL_FAMILIES, "model.family")
+        _one_of(self.attn_backend, ATTN_BACKENDS, "model.attn_backend")
+        if self.kind == "pretrained":
+            _require(
+                bool(self.path), "model.path", "is required when model.kind=pretrained (a local directory)"
+            )
+        if self.kind == "composed":
+            _require(bool(self.vision_path), "model.vision_path", "is required when model.kind=composed")
+            _require(bool(self.llm_path), "model.llm_path", "is required when model.kind=composed")
+            _one_of(self.family, COMPOSED_FAMILIES, "model.family")
