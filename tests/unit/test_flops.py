@@ -279,8 +279,8 @@ def test_moe_and_delta_net_hand_count():
 def test_llm_flops_match_the_built_models_active_weights(family):
     """Forward FLOPs per token / 2 = the matmul weights a token meets in the real transformers model: every 2-D
     decoder weight, MoE experts at top-k of num_experts (active, not total), plus the delta rule's state term."""
+    from mmrope.model.config import TinyModelConfig
     from mmrope.model.families import FAMILIES, tiny_config
-    from mmrope.train.config import TinyModelConfig
 
     ids = dict.fromkeys(
         ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 1

@@ -115,8 +115,8 @@ def tiny_family(
     """A fp32 eval-mode `family` model from `mmrope.model.families.tiny_config` (the same builder train.py uses)
     at test sizes: 2 layers (Qwen3.5: one gated delta-net + one attention layer), 8 rotary pairs at head_dim 16
     (Qwen3.5: head_dim 64 with partial_rotary_factor 0.25), a 1-block ViT on 14-pixel patches."""
+    from mmrope.model.config import TinyModelConfig
     from mmrope.model.families import FAMILIES, tiny_config
-    from mmrope.train.config import TinyModelConfig
 
     tiny = TinyModelConfig(
         hidden_size=num_heads * head_dim,
