@@ -84,7 +84,9 @@ def rows_for(cfg, processor, encoding) -> list[dict]:
             other = row
         if video is not None and other is not None:
             return [video, other]
-    raise RuntimeError("the synthetic stream no longer has a video row and a row with text-only samples early")
+    raise RuntimeError(
+        "the synthetic stream no longer has a video row and a row with text-only samples early"
+    )
 
 
 def grads(module: torch.nn.Module, engine_grads: bool) -> dict[str, torch.Tensor]:
