@@ -398,6 +398,12 @@ def check_sequence_parallel(cfg: TrainConfig) -> None:
         f"model.family={m.family}: deepstack vision features are not split over SP ranks yet; "
         "use qwen2_vl / qwen2_5_vl or sequence_parallel_size=1",
     )
+    _require(
+        cfg.trainer.eval.every == 0,
+        key,
+        "evaluation during training (trainer.eval.every > 0) does not run under sequence parallelism yet: its "
+        "probe runs the model on whole rows; set trainer.eval.every=0 and evaluate the exported checkpoint",
+    )
     text_config = _text_config(m)
     if text_config is None:
         return  # the model build names model.path; install() checks the heads again

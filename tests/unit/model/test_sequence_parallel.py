@@ -48,6 +48,7 @@ def test_default_is_off_and_sp2_fits_the_tiny_model():
         ],
         ["trainer.sequence_parallel_size=2", "model.family=qwen3_5", "rope=mrope_i"],  # linear attention
         ["trainer.sequence_parallel_size=2", "model.family=qwen3_vl", "rope=mrope_i"],  # deepstack
+        ["trainer.sequence_parallel_size=2", "trainer.eval.every=10"],  # the probe runs whole rows
     ],
 )
 def test_bad_sp_sizes_and_models_name_the_key(overrides):
