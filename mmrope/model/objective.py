@@ -41,13 +41,6 @@ class SFTObjective(nn.Module):
         self.loss_chunk_size = loss_chunk_size
         self.balance_vision = balance_vision  # set for data-parallel runs (world size > 1)
         self.sp = sequence_parallel
-        if sequence_parallel is not None and getattr(
-            vlm.config.vision_config, "deepstack_visual_indexes", None
-        ):
-            raise ValueError(
-                "config key `trainer.sequence_parallel_size`: deepstack vision features (Qwen3-VL) are not split "
-                "over sequence-parallel ranks yet; use a Qwen2-VL / Qwen2.5-VL family or sequence_parallel_size=1"
-            )
         if zero_stage == 3:
             import deepspeed
 
@@ -109,6 +102,7 @@ class SFTObjective(nn.Module):
         if ids_BL.shape[0] != 1:
             raise ValueError("sequence parallelism takes one packed row per micro batch")
         embeds_BLD = model.get_input_embeddings()(ids_BL)
+        masks_BL = {}
         for kind, mask_index in (("image", 0), ("video", 1)):
             if kind in media:
                 feats_ND = torch.cat(media[kind].pooler_output, dim=0).to(embeds_BLD.device, embeds_BLD.dtype)
@@ -116,6 +110,7 @@ class SFTObjective(nn.Module):
                     ids_BL, inputs_embeds=embeds_BLD, **{f"{kind}_features": feats_ND}
                 )[mask_index]
                 embeds_BLD = embeds_BLD.masked_scatter(mask_BLD, feats_ND)
+                masks_BL[kind] = mask_BLD[..., 0]
         padded_len = sp.padded_length(ids_BL.shape[1])
         cu_seqlens = pad_cu_seqlens(cu_seqlens, padded_len)  # the pad is a sample of its own
         static_3BL = batch.get("static_position_ids")
@@ -124,9 +119,7 @@ class SFTObjective(nn.Module):
             static_3BL is not None
         ):  # DIPE: static positions travel with the slice, the modality mask stays whole
             static_3BL = pad_and_slice(sp, static_3BL, 2, 0)
-            visual_BL = batch["visual_mask"]
-            pad_BL = visual_BL.new_zeros(1, padded_len - visual_BL.shape[1])
-            visual_BL = torch.cat([visual_BL, pad_BL], dim=1)
+            visual_BL = pad_mask(batch["visual_mask"], padded_len)
         kw = seam_kwargs(
             cu_seqlens=cu_seqlens,
             max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
@@ -138,6 +131,7 @@ class SFTObjective(nn.Module):
             inputs_embeds=pad_and_slice(sp, embeds_BLD, 1, 0.0),
             position_ids=pad_and_slice(sp, batch["position_ids"], 2, 0),
             use_cache=False,
+            **self._deepstack_slice(media, masks_BL, padded_len),
             **kw,
         )
         # Labels are shifted on the whole row (a slice's last token predicts the next slice's first one).
@@ -152,6 +146,40 @@ class SFTObjective(nn.Module):
             chunk_size=self.loss_chunk_size,
             lm_head_bias_V=self.vlm.lm_head.bias,
         )
+
+    def _deepstack_slice(self, media: dict, masks_BL: dict, padded_len: int) -> dict:
+        """Qwen3-VL's deepstack: the vision features some early decoder layers add at the visual positions, for
+        this rank's slice (`visual_pos_masks` of the slice and the rows of the features that fall in it).
+
+        The joint image + video features in row order are built as the stock forward builds them; the slice's
+        visual tokens are a contiguous run of them (those before the slice start are skipped).
+        """
+        feats = {
+            k: media[k].deepstack_features for k in masks_BL if getattr(media[k], "deepstack_features", None)
+        }
+        if not feats:
+            return {}
+        visual_BL = torch.zeros_like(next(iter(masks_BL.values())))
+        for mask_BL in masks_BL.values():
+            visual_BL = visual_BL | mask_BL
+        num_visual = int(visual_BL.sum())
+        layers = []
+        for per_kind in zip(*feats.values()):  # per deepstack layer: each kind's per-image feature chunks
+            joint_VD = None
+            for kind, chunks in zip(feats, per_kind):
+                kind_VD = torch.cat(chunks, dim=0)
+                joint_VD = kind_VD.new_zeros(num_visual, kind_VD.shape[-1]) if joint_VD is None else joint_VD
+                joint_VD = joint_VD.index_put((masks_BL[kind][visual_BL],), kind_VD)
+            layers.append(joint_VD)
+        visual_BL = pad_mask(visual_BL, padded_len)
+        local = self.sp.local_slice(padded_len)
+        first = int(visual_BL[:, : local.start].sum())
+        local_BL = visual_BL[:, local]
+        count = int(local_BL.sum())
+        return {
+            "visual_pos_masks": local_BL,
+            "deepstack_visual_embeds": [joint_VD[first : first + count] for joint_VD in layers],
+        }
 
     def _encode_media(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Vision tower on the row's images, then on its videos, always in this order and before the LLM.
@@ -178,6 +206,11 @@ class SFTObjective(nn.Module):
         dim = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
         pixels = torch.zeros(merge * merge, dim, device=device, dtype=self.vlm.model.visual.dtype)
         return pixels, torch.tensor([[1, merge, merge]], device=device)
+
+
+def pad_mask(mask_BL: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """A `[B, L]` bool mask padded with False to `padded_len` (kept whole: every rank needs the whole row's)."""
+    return torch.cat([mask_BL, mask_BL.new_zeros(mask_BL.shape[0], padded_len - mask_BL.shape[1])], dim=1)
 
 
 def _tensors(value) -> list[torch.Tensor]:

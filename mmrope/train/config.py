@@ -375,8 +375,8 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
 
 def check_sequence_parallel(cfg: TrainConfig) -> None:
     """trainer.sequence_parallel_size > 1: the heads must split over the SP ranks (heads, KV heads), the family
-    must have neither state-carrying linear-attention layers nor deepstack features, and the row length, padded to
-    a multiple of N, must stay a row. Raises ValueError naming trainer.sequence_parallel_size."""
+    must not have linear-attention layers (they carry state along the row) and the in-training evaluation (whole
+    rows) must be off. Raises ValueError naming trainer.sequence_parallel_size."""
     sp = cfg.trainer.sequence_parallel_size
     if sp == 1:
         return
@@ -391,12 +391,6 @@ def check_sequence_parallel(cfg: TrainConfig) -> None:
         key,
         f"model.family={m.family} has linear-attention layers that carry state along the row; "
         "sequence parallelism cannot split them",
-    )
-    _require(
-        not m.family.startswith("qwen3_vl"),
-        key,
-        f"model.family={m.family}: deepstack vision features are not split over SP ranks yet; "
-        "use qwen2_vl / qwen2_5_vl or sequence_parallel_size=1",
     )
     _require(
         cfg.trainer.eval.every == 0,

@@ -8,7 +8,8 @@ checkpoint at step 2, and a second run resumed from that checkpoint.
 
 usage: torchrun --nproc_per_node 2 sp_worker.py OUT_DIR STAGES CASES RESUME_CASE -- override [override ...]
 STAGES like `2,3` (stage 3 runs with activation checkpointing); CASES comma-separated: a rope name, `+dipe` for
-DIPE on top, `:mode` for GRAPE's grape_mode (e.g. `grape:axis`, `mrope+dipe`); RESUME_CASE one case or `none`.
+DIPE on top, `:mode` for GRAPE's grape_mode, `@family` for another model family (e.g. `grape:axis`,
+`mrope+dipe`, `mrope_i@qwen3_vl`); RESUME_CASE one case or `none`.
 Each rank writes OUT_DIR/rank_R.pt = {"parity": {(stage, case): {"ref_loss", "sp_loss", "ref_grads",
 "sp_grads", "media", "text_only_samples", "row_lens", "seconds"}}, "resume": {"full": ..., "resumed": ...}}.
 """
@@ -51,8 +52,10 @@ MHROPE_MODEL = [
 
 
 def case_overrides(case: str) -> list[str]:
+    case, _, family = case.partition("@")
     name, _, mode = case.replace("+dipe", "").partition(":")
     out = [f"rope={name}", f"rope.dipe={'true' if '+dipe' in case else 'false'}"]
+    out += [f"model.family={family}"] if family else []
     return (
         out
         + ([f"rope.hparams.grape_mode={mode}"] if mode else [])

@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism on CPU (gloo): 2 ranks with trainer.sequence_parallel_size=2 against 1 process
 without SP, on the same packed rows (images, a video, text-only samples; one row of odd length, so padded).
 
-One torchrun launch (`sp_worker.py`) runs every case: per encoding the plain model's loss and gradients (the
+One torchrun launch (`sp_worker.py`) runs every case: per encoding (and Qwen3-VL with its deepstack features) the plain model's loss and gradients (the
 reference, no SP, no DeepSpeed) and the SP engine's under ZeRO-2 and ZeRO-3 (+ activation checkpointing), then a
 training session under SP resumed from a checkpoint next to the uninterrupted one.
 """
@@ -18,7 +18,7 @@ from tests.conftest import ROOT, clean_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 STAGES = (2, 3)
-CASES = ("mrope", "mrope_i", "mhrope", "grape:axis", "vanilla", "mrope+dipe")
+CASES = ("mrope", "mrope_i", "mhrope", "grape:axis", "vanilla", "mrope+dipe", "mrope_i@qwen3_vl")
 RESUME_CASE = "mrope+dipe"
 
 

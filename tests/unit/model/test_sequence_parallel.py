@@ -32,6 +32,7 @@ def test_default_is_off_and_sp2_fits_the_tiny_model():
     assert cfg_with().trainer.sequence_parallel_size == 1
     cfg = cfg_with("trainer.sequence_parallel_size=2")  # 2 heads, 1 KV head (repeated to 2)
     assert cfg.trainer.sequence_parallel_size == 2
+    assert cfg_with("trainer.sequence_parallel_size=2", "model.family=qwen3_vl", "rope=mrope_i")  # deepstack
 
 
 @pytest.mark.parametrize(
@@ -47,7 +48,6 @@ def test_default_is_off_and_sp2_fits_the_tiny_model():
             "rope.hparams.mrope_section=[8,8,16]",
         ],
         ["trainer.sequence_parallel_size=2", "model.family=qwen3_5", "rope=mrope_i"],  # linear attention
-        ["trainer.sequence_parallel_size=2", "model.family=qwen3_vl", "rope=mrope_i"],  # deepstack
         ["trainer.sequence_parallel_size=2", "trainer.eval.every=10"],  # the probe runs whole rows
     ],
 )
