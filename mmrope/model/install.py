@@ -32,6 +32,11 @@ Packing, padding and DIPE inputs travel as `**kwargs` of the model forward down 
 forwards them); build them with `seam_kwargs`. Positions always arrive with the batch (3 rows): the model never
 re-derives them from token ids.
 
+Sequence parallelism (issue 15, `mmrope.model.sequence_parallel`): with `install(..., sequence_parallel=sp)` every
+`MMRopeAttention` receives this rank's slice of the row, rotates its q/k there (all heads, the slice's positions)
+and exchanges q/k/v and the output with the SP group through DeepSpeed's Ulysses all-to-all; attention itself runs
+on the whole row for H/N heads, with the global sample boundaries.
+
 Probing (issue 8, `mmrope.eval.probe`): an optional `mmrope_probe=<recorder>` kwarg makes every installed layer
 hand its ROTATED queries/keys (DIPE: the dynamic and static queries and the modality routing) and its packing to
 `recorder.record(...)` on full forwards, so statistics such as the attention share to visual tokens are computed
@@ -276,15 +281,20 @@ class MMRopeAttention(nn.Module):
             # q rotated with the static (anchored) positions, for inter-modal pairs; its k is not used
             q_sta_BHLD, _ = rotary_emb.rotate(q_BHLD, k_BHkvLD, rotary_emb(hidden_states, static_3BL))
 
-        if self._sp is not None:  # q/k rotated above from this rank's own positions, all heads
+        if self._sp is not None:  # Ulysses; q/k were rotated above from this rank's own positions, all heads
             if past_key_values is not None or kwargs.get(PROBE_KWARG) is not None:
                 raise ValueError("sequence parallelism serves training forwards: no KV cache, no probe")
             out_BLHD = self._sequence_parallel(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
-            out_BLd = out_BLHD.reshape(num_rows, q_len, -1)
-            if gate_BLd is not None:
-                out_BLd = out_BLd * torch.sigmoid(gate_BLd)
-            return self.o_proj(out_BLd), None
+        else:
+            out_BLHD = self._attend(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, past_key_values, kwargs)
+        out_BLd = out_BLHD.reshape(num_rows, q_len, -1)
+        if gate_BLd is not None:
+            out_BLd = out_BLd * torch.sigmoid(gate_BLd)
+        return self.o_proj(out_BLd), None
 
+    def _attend(self, q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, past_key_values, kwargs) -> Tensor:
+        """Attention of this call's queries over the row (training, prefill) or over the KV cache (decoding)."""
+        q_len = q_dyn_BHLD.shape[2]
         if past_key_values is not None:  # the cache holds keys rotated once with their dynamic positions
             k_rot_BHkvLD, v_BHkvLD = past_key_values.update(k_rot_BHkvLD, v_BHkvLD, self.layer_idx)
 
@@ -293,13 +303,8 @@ class MMRopeAttention(nn.Module):
             self._probe(probe, q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, q_len, kwargs)
 
         if k_rot_BHkvLD.shape[2] == q_len:
-            out_BLHD = self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
-        else:
-            out_BLHD = self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
-        out_BLd = out_BLHD.reshape(num_rows, q_len, -1)
-        if gate_BLd is not None:
-            out_BLd = out_BLd * torch.sigmoid(gate_BLd)
-        return self.o_proj(out_BLd), None
+            return self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
+        return self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
 
     def _probe(self, probe: Any, q_dyn, q_sta, k, q_len: int, kwargs: dict[str, Any]) -> None:
         """Hand the rotated q/k and the masks of this call to `probe.record` (no effect on the output)."""

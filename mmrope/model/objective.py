@@ -115,9 +115,7 @@ class SFTObjective(nn.Module):
         cu_seqlens = pad_cu_seqlens(cu_seqlens, padded_len)  # the pad is a sample of its own
         static_3BL = batch.get("static_position_ids")
         visual_BL = None
-        if (
-            static_3BL is not None
-        ):  # DIPE: static positions travel with the slice, the modality mask stays whole
+        if static_3BL is not None:  # DIPE: static positions go with the slice, the modality mask stays whole
             static_3BL = pad_and_slice(sp, static_3BL, 2, 0)
             visual_BL = pad_mask(batch["visual_mask"], padded_len)
         kw = seam_kwargs(
