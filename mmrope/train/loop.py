@@ -151,9 +151,8 @@ class Trainer:
         # steps, so every token weighs the same however the packer distributed them. The ranks of a sequence-
         # parallel group hold the same rows (each computes the loss of its slice): they count them once.
         sp = self.d.sp_size
-        num_pad_local = sum(
-            -int(r["input_ids"].shape[1]) % sp for r in rows
-        )  # rows padded to a multiple of SP
+        # SP pads each row to a multiple of its size (the pad is a sample of its own, without labels)
+        num_pad_local = sum(-int(r["input_ids"].shape[1]) % sp for r in rows)
         totals = _all_sum([num_local, num_tokens_local, num_samples_local, num_pad_local])
         num_global, num_tokens, num_samples, num_pad = (v / sp for v in totals)
         loss_sum = torch.zeros((), dtype=torch.float64)

@@ -213,6 +213,12 @@ def build_session(cfg: TrainConfig) -> Session:
     manifest = None
     if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
         manifest = ckpt.check_compatible(latest, fingerprint)
+        saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
+        if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
+            raise ValueError(
+                f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
+                f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
+            )
     # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
     # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
     resized = manifest is not None and manifest["world_size"] != d.world_size
