@@ -32,6 +32,11 @@ Packing, padding and DIPE inputs travel as `**kwargs` of the model forward down 
 forwards them); build them with `seam_kwargs`. Positions always arrive with the batch (3 rows): the model never
 re-derives them from token ids.
 
+Sequence parallelism (issue 15, `mmrope.model.sequence_parallel`): with `install(..., sequence_parallel=sp)` every
+`MMRopeAttention` receives this rank's slice of the row, rotates its q/k there (all heads, the slice's positions)
+and exchanges q/k/v and the output with the SP group through DeepSpeed's Ulysses all-to-all; attention itself runs
+on the whole row for H/N heads, with the global sample boundaries.
+
 Probing (issue 8, `mmrope.eval.probe`): an optional `mmrope_probe=<recorder>` kwarg makes every installed layer
 hand its ROTATED queries/keys (DIPE: the dynamic and static queries and the modality routing) and its packing to
 `recorder.record(...)` on full forwards, so statistics such as the attention share to visual tokens are computed
@@ -61,6 +66,7 @@ from mmrope.attention import (
 )
 from mmrope.encodings import Encoding
 from mmrope.model.families import check_encoding, text_geometry
+from mmrope.model.sequence_parallel import SequenceParallel, check_heads, expand_kv_heads
 
 ATTN_IMPLEMENTATION = "mmrope"
 ATTN_BACKENDS = PACKED_BACKENDS  # "auto" (the default) picks torch's varlen FlashAttention on CUDA
@@ -197,6 +203,7 @@ class MMRopeAttention(nn.Module):
         *,
         attn_backend: str,
         dipe: bool,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> None:
         super().__init__()
         self.config = stock.config
@@ -221,6 +228,7 @@ class MMRopeAttention(nn.Module):
         self.dipe = dipe
         # A plain reference, not a submodule: the Rotary is registered once, on the text model.
         self._rotary_emb = (rotary_emb,)
+        self._sp = sequence_parallel  # Ulysses: this layer sees L/N tokens and exchanges q/k/v over the group
 
     def _project(self, proj: nn.Module, norm: nn.Module | None, x_BLd: Tensor) -> Tensor:
         x_BLHD = proj(x_BLd).view(*x_BLd.shape[:-1], -1, self.head_dim)
@@ -273,6 +281,20 @@ class MMRopeAttention(nn.Module):
             # q rotated with the static (anchored) positions, for inter-modal pairs; its k is not used
             q_sta_BHLD, _ = rotary_emb.rotate(q_BHLD, k_BHkvLD, rotary_emb(hidden_states, static_3BL))
 
+        if self._sp is not None:  # Ulysses; q/k were rotated above from this rank's own positions, all heads
+            if past_key_values is not None or kwargs.get(PROBE_KWARG) is not None:
+                raise ValueError("sequence parallelism serves training forwards: no KV cache, no probe")
+            out_BLHD = self._sequence_parallel(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
+        else:
+            out_BLHD = self._attend(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, past_key_values, kwargs)
+        out_BLd = out_BLHD.reshape(num_rows, q_len, -1)
+        if gate_BLd is not None:
+            out_BLd = out_BLd * torch.sigmoid(gate_BLd)
+        return self.o_proj(out_BLd), None
+
+    def _attend(self, q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, past_key_values, kwargs) -> Tensor:
+        """Attention of this call's queries over the row (training, prefill) or over the KV cache (decoding)."""
+        q_len = q_dyn_BHLD.shape[2]
         if past_key_values is not None:  # the cache holds keys rotated once with their dynamic positions
             k_rot_BHkvLD, v_BHkvLD = past_key_values.update(k_rot_BHkvLD, v_BHkvLD, self.layer_idx)
 
@@ -281,13 +303,8 @@ class MMRopeAttention(nn.Module):
             self._probe(probe, q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, q_len, kwargs)
 
         if k_rot_BHkvLD.shape[2] == q_len:
-            out_BLHD = self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
-        else:
-            out_BLHD = self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
-        out_BLd = out_BLHD.reshape(num_rows, q_len, -1)
-        if gate_BLd is not None:
-            out_BLd = out_BLd * torch.sigmoid(gate_BLd)
-        return self.o_proj(out_BLd), None
+            return self._full(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
+        return self._decode(q_dyn_BHLD, q_sta_BHLD, k_rot_BHkvLD, v_BHkvLD, kwargs)
 
     def _probe(self, probe: Any, q_dyn, q_sta, k, q_len: int, kwargs: dict[str, Any]) -> None:
         """Hand the rotated q/k and the masks of this call to `probe.record` (no effect on the output)."""
@@ -309,6 +326,17 @@ class MMRopeAttention(nn.Module):
                 q_sta_BHLD=q_sta.detach() if q_sta is not None else None,
                 route_visual_BL=kwargs.get("mmrope_visual_mask") if self.dipe else None,
             )
+
+    def _sequence_parallel(self, q_dyn, q_sta, k, v, kwargs: dict[str, Any]) -> Tensor:
+        """Ulysses: `[B, H, L/N, D]` per rank -> all-to-all -> attention over the whole row with H/N heads (the
+        global `cu_seqlens` and DIPE modality mask) -> all-to-all back: `[B, L/N, H, D]`."""
+        sp = self._sp
+        k, v = expand_kv_heads(k, sp.size), expand_kv_heads(v, sp.size)
+        whole = [
+            None if x is None else sp.heads_to_sequence(x.transpose(1, 2)).transpose(1, 2)
+            for x in (q_dyn, q_sta, k, v)
+        ]
+        return sp.sequence_to_heads(self._full(*whole, kwargs))
 
     def _full(self, q_dyn, q_sta, k, v, kwargs: dict[str, Any]) -> Tensor:
         doc_ids_BL = kwargs.get("mmrope_doc_ids")
@@ -539,13 +567,22 @@ def _check_layers(lm: nn.Module) -> None:
 
 
 def install(
-    model: nn.Module, encoding: Encoding, *, attn_backend: str = "auto", dipe: bool = False
+    model: nn.Module,
+    encoding: Encoding,
+    *,
+    attn_backend: str = "auto",
+    dipe: bool = False,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> nn.Module:
     """Install `encoding` (and DIPE if `dipe`) into a model of any family in `mmrope.model.families` (Qwen2-VL,
     Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) in place; returns the model.
 
     Attention layers become `MMRopeAttention` (Qwen3.5's output gate and partial rotary included); Qwen3.5's
     gated delta-net layers become `PackedLinearAttention` (packed samples start from a zero recurrent state).
+
+    With `sequence_parallel` (`mmrope.model.sequence_parallel`), every attention layer sees this rank's slice of
+    the row and exchanges q/k/v with the group (Ulysses); the heads must split over the group and every layer must
+    be full attention.
 
     Raises ValueError naming the argument: unknown `attn_backend`, DIPE with a 1D encoding, an encoding whose
     geometry does not fit the model (`EncodingMisfit` naming the hyperparameter, e.g. mhrope's
@@ -562,6 +599,13 @@ def install(
     _check_layers(lm)
     geometry = text_geometry(lm.config)
     check_encoding(encoding, geometry)
+    if sequence_parallel is not None:
+        check_heads(lm.config.num_attention_heads, geometry.num_key_value_heads, sequence_parallel.size)
+        if any(not hasattr(layer, "self_attn") for layer in lm.layers):
+            raise ValueError(
+                "config key `trainer.sequence_parallel_size`: linear-attention (gated delta-net) layers carry "
+                "state along the row and cannot be split over ranks; use sequence_parallel_size=1 for this model"
+            )
     rotary = encoding.rotary(
         head_dim=geometry.head_dim,
         rope_theta=geometry.rope_theta,
@@ -575,7 +619,11 @@ def install(
     for layer in lm.layers:
         if hasattr(layer, "self_attn"):
             layer.self_attn = MMRopeAttention(
-                layer.self_attn, rotary_emb, attn_backend=attn_backend, dipe=dipe
+                layer.self_attn,
+                rotary_emb,
+                attn_backend=attn_backend,
+                dipe=dipe,
+                sequence_parallel=sequence_parallel,
             )
         else:  # checked above: a linear-attention (gated delta-net) layer
             layer.linear_attn = PackedLinearAttention(layer.linear_attn)

@@ -8,6 +8,10 @@ Data parallelism with rows of different media: ZeRO-3 gathers a module's partiti
 each time it runs, so every rank must run the vision tower the same number of times per micro step. A rank whose
 row has no image (or no video) runs the tower once on a minimal dummy grid for that media type and adds the
 result to the loss with weight 0, which also gives the trainable connector a (zero) gradient on every rank.
+
+Sequence parallelism (`sequence_parallel`, see `mmrope.model.sequence_parallel`): the vision tower still runs on
+the whole row; the merged embeddings, labels and positions are then split along the sequence and the decoder
+runs on this rank's slice, its attention exchanging q/k/v with the SP group.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 
 from mmrope.model.install import is_installed, seam_kwargs
-from mmrope.model.loss import linear_cross_entropy, shift_labels
+from mmrope.model.loss import IGNORE_INDEX, linear_cross_entropy, shift_labels
+from mmrope.model.sequence_parallel import SequenceParallel, pad_and_slice, pad_cu_seqlens
 
 
 class SFTObjective(nn.Module):
@@ -27,6 +32,7 @@ class SFTObjective(nn.Module):
         loss_chunk_size: int = 4096,
         zero_stage: int = 0,
         balance_vision: bool = False,
+        sequence_parallel: SequenceParallel | None = None,
     ):
         super().__init__()
         if not is_installed(vlm):
@@ -34,6 +40,7 @@ class SFTObjective(nn.Module):
         self.vlm = vlm
         self.loss_chunk_size = loss_chunk_size
         self.balance_vision = balance_vision  # set for data-parallel runs (world size > 1)
+        self.sp = sequence_parallel
         if zero_stage == 3:
             import deepspeed
 
@@ -48,6 +55,8 @@ class SFTObjective(nn.Module):
         """Return the token cross-entropy summed over this row, divided by `num_global_tokens` (the supervised
         tokens of the whole optimizer step, all ranks and micro-steps). None = this row's own count."""
         media, media_zero = self._encode_media(batch)
+        if self.sp is not None:
+            return self._forward_sequence_parallel(batch, media, num_global_tokens) + media_zero
         cu_seqlens = batch["cu_seqlens"]
         # Positions come with the batch (3 rows, per sample); packing goes to attention as cu_seqlens.
         # The longest sample, read on the host once per row rather than by every layer's varlen kernel.
@@ -79,6 +88,97 @@ class SFTObjective(nn.Module):
         )
         return loss + media_zero
 
+    def _forward_sequence_parallel(
+        self, batch: dict, media: dict, num_global_tokens: int | torch.Tensor | None
+    ) -> torch.Tensor:
+        """This rank's slice of the row through the decoder; its share of the row's loss.
+
+        The merge (vision features into the placeholder embeddings) is transformers' own (`get_placeholder_mask`
+        + `masked_scatter`, as the stock forward does), on the whole row; the split comes after it. Sample
+        boundaries and DIPE's modality mask stay whole: attention sees the whole row after the all-to-all.
+        """
+        sp, model = self.sp, self.vlm.model
+        ids_BL, cu_seqlens = batch["input_ids"], batch["cu_seqlens"]
+        if ids_BL.shape[0] != 1:
+            raise ValueError("sequence parallelism takes one packed row per micro batch")
+        embeds_BLD = model.get_input_embeddings()(ids_BL)
+        masks_BL = {}
+        for kind, mask_index in (("image", 0), ("video", 1)):
+            if kind in media:
+                feats_ND = torch.cat(media[kind].pooler_output, dim=0).to(embeds_BLD.device, embeds_BLD.dtype)
+                mask_BLD = model.get_placeholder_mask(
+                    ids_BL, inputs_embeds=embeds_BLD, **{f"{kind}_features": feats_ND}
+                )[mask_index]
+                embeds_BLD = embeds_BLD.masked_scatter(mask_BLD, feats_ND)
+                masks_BL[kind] = mask_BLD[..., 0]
+        padded_len = sp.padded_length(ids_BL.shape[1])
+        cu_seqlens = pad_cu_seqlens(cu_seqlens, padded_len)  # the pad is a sample of its own
+        static_3BL = batch.get("static_position_ids")
+        visual_BL = None
+        if static_3BL is not None:  # DIPE: static positions go with the slice, the modality mask stays whole
+            static_3BL = pad_and_slice(sp, static_3BL, 2, 0)
+            visual_BL = pad_mask(batch["visual_mask"], padded_len)
+        kw = seam_kwargs(
+            cu_seqlens=cu_seqlens,
+            max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            static_position_ids=static_3BL,
+            visual_mask_BL=visual_BL,
+        )
+        out = model.language_model(
+            input_ids=None,
+            inputs_embeds=pad_and_slice(sp, embeds_BLD, 1, 0.0),
+            position_ids=pad_and_slice(sp, batch["position_ids"], 2, 0),
+            use_cache=False,
+            **self._deepstack_slice(media, masks_BL, padded_len),
+            **kw,
+        )
+        # Labels are shifted on the whole row (a slice's last token predicts the next slice's first one).
+        labels_L = pad_and_slice(sp, shift_labels(batch["labels"], batch["cu_seqlens"]), 1, IGNORE_INDEX)[0]
+        if num_global_tokens is None:  # the whole row's count (every rank of the group holds the whole row)
+            num_global_tokens = num_supervised(batch)
+        return linear_cross_entropy(
+            out.last_hidden_state[0],
+            self.vlm.lm_head.weight,
+            labels_L,
+            num_global_tokens=num_global_tokens,
+            chunk_size=self.loss_chunk_size,
+            lm_head_bias_V=self.vlm.lm_head.bias,
+        )
+
+    def _deepstack_slice(self, media: dict, masks_BL: dict, padded_len: int) -> dict:
+        """Qwen3-VL's deepstack: the vision features some early decoder layers add at the visual positions, for
+        this rank's slice (`visual_pos_masks` of the slice and the rows of the features that fall in it).
+
+        The joint image + video features in row order are built as the stock forward builds them; the slice's
+        visual tokens are a contiguous run of them (those before the slice start are skipped).
+        """
+        feats = {
+            k: media[k].deepstack_features for k in masks_BL if getattr(media[k], "deepstack_features", None)
+        }
+        if not feats:
+            return {}
+        visual_BL = torch.zeros_like(next(iter(masks_BL.values())))
+        for mask_BL in masks_BL.values():
+            visual_BL = visual_BL | mask_BL
+        num_visual = int(visual_BL.sum())
+        layers = []
+        for per_kind in zip(*feats.values()):  # per deepstack layer: each kind's per-image feature chunks
+            joint_VD = None
+            for kind, chunks in zip(feats, per_kind):
+                kind_VD = torch.cat(chunks, dim=0)
+                joint_VD = kind_VD.new_zeros(num_visual, kind_VD.shape[-1]) if joint_VD is None else joint_VD
+                joint_VD = joint_VD.index_put((masks_BL[kind][visual_BL],), kind_VD)
+            layers.append(joint_VD)
+        visual_BL = pad_mask(visual_BL, padded_len)
+        local = self.sp.local_slice(padded_len)
+        first = int(visual_BL[:, : local.start].sum())
+        local_BL = visual_BL[:, local]
+        count = int(local_BL.sum())
+        return {
+            "visual_pos_masks": local_BL,
+            "deepstack_visual_embeds": [joint_VD[first : first + count] for joint_VD in layers],
+        }
+
     def _encode_media(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Vision tower on the row's images, then on its videos, always in this order and before the LLM.
 
@@ -104,6 +204,11 @@ class SFTObjective(nn.Module):
         dim = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
         pixels = torch.zeros(merge * merge, dim, device=device, dtype=self.vlm.model.visual.dtype)
         return pixels, torch.tensor([[1, merge, merge]], device=device)
+
+
+def pad_mask(mask_BL: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """A `[B, L]` bool mask padded with False to `padded_len` (kept whole: every rank needs the whole row's)."""
+    return torch.cat([mask_BL, mask_BL.new_zeros(mask_BL.shape[0], padded_len - mask_BL.shape[1])], dim=1)
 
 
 def _tensors(value) -> list[torch.Tensor]:

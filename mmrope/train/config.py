@@ -269,6 +269,9 @@ class TrainerConfig:
     requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
     debug_inject_nan_at_step: int = 0  # testing aid: make the loss of this (1-based) step NaN; 0 = off
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out loss + probe every `eval.every` steps
+    # Ulysses sequence parallelism (mmrope.model.sequence_parallel): N consecutive ranks train one packed row,
+    # each on L/N of its tokens; data-parallel size = world size / N. 1 = off.
+    sequence_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _require(
@@ -298,6 +301,11 @@ class TrainerConfig:
             0 < self.requeue_exit_code < 256, "trainer.requeue_exit_code", "must be an exit status in 1..255"
         )
         _require(self.debug_inject_nan_at_step >= 0, "trainer.debug_inject_nan_at_step", "must be >= 0")
+        _require(
+            self.sequence_parallel_size >= 1,
+            "trainer.sequence_parallel_size",
+            f"must be >= 1 (1 = off), got {self.sequence_parallel_size}",
+        )
 
 
 @dataclass
@@ -308,13 +316,25 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that train different rows: world size / trainer.sequence_parallel_size."""
+        sp = self.trainer.sequence_parallel_size
+        if world_size % sp:
+            raise ValueError(
+                f"config key `trainer.sequence_parallel_size`: {sp} does not divide the world size {world_size}"
+            )
+        return world_size // sp
+
     def grad_accum_steps(self, world_size: int) -> int:
-        """Micro steps per optimizer step so that rows/step equals trainer.global_batch_size exactly."""
-        per_step = self.trainer.micro_batch_size * world_size
+        """Micro steps per optimizer step so that rows/step equals trainer.global_batch_size exactly (an SP group
+        of trainer.sequence_parallel_size ranks trains one row: it counts once)."""
+        dp = self.data_parallel_size(world_size)
+        per_step = self.trainer.micro_batch_size * dp
         if self.trainer.global_batch_size % per_step:
             raise ValueError(
                 f"config key `trainer.global_batch_size`: {self.trainer.global_batch_size} is not divisible by "
-                f"micro_batch_size x world_size = {self.trainer.micro_batch_size} x {world_size}"
+                f"micro_batch_size x data-parallel size = {self.trainer.micro_batch_size} x {dp} "
+                f"(world size {world_size} / trainer.sequence_parallel_size {self.trainer.sequence_parallel_size})"
             )
         return self.trainer.global_batch_size // per_step
 
@@ -349,7 +369,58 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if not math.isfinite(obj.trainer.optim.lr):
         raise ValueError("config key `trainer.optim.lr`: must be finite")
     check_rope_fits_model(obj)
+    check_sequence_parallel(obj)
     return obj
+
+
+def check_sequence_parallel(cfg: TrainConfig) -> None:
+    """trainer.sequence_parallel_size > 1: the heads must split over the SP ranks (heads, KV heads), the family
+    must not have linear-attention layers (they carry state along the row) and the in-training evaluation (whole
+    rows) must be off. Raises ValueError naming trainer.sequence_parallel_size."""
+    sp = cfg.trainer.sequence_parallel_size
+    if sp == 1:
+        return
+    from mmrope.model.families import text_geometry
+    from mmrope.model.sequence_parallel import check_heads
+
+    key = "trainer.sequence_parallel_size"
+    m = cfg.model
+    family = FAMILIES[m.family]
+    _require(
+        not family.linear_attention,
+        key,
+        f"model.family={m.family} has linear-attention layers that carry state along the row; "
+        "sequence parallelism cannot split them",
+    )
+    _require(
+        cfg.trainer.eval.every == 0,
+        key,
+        "evaluation during training (trainer.eval.every > 0) does not run under sequence parallelism yet: its "
+        "probe runs the model on whole rows; set trainer.eval.every=0 and evaluate the exported checkpoint",
+    )
+    text_config = _text_config(m)
+    if text_config is None:
+        return  # the model build names model.path; install() checks the heads again
+    geometry = text_geometry(text_config)
+    check_heads(text_config.num_attention_heads, geometry.num_key_value_heads, sp, key)
+
+
+def _text_config(m: ModelConfig):
+    """The text model's config: the tiny one, or the checkpoint's config.json (a local read, no weights); None for
+    a path that is not a directory (left to the model build, which names `model.path`)."""
+    from mmrope.model.families import tiny_config
+
+    if m.kind == "tiny":
+        ids = dict.fromkeys(
+            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 0
+        ) | {"pad_token_id": 0, "eos_token_id": 0}
+        return tiny_config(m.family, m.tiny, vocab_size=8, special_ids=ids).get_text_config()
+    path = m.path if m.kind == "pretrained" else m.llm_path
+    if not path or not Path(path).is_dir():
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
 
 
 def check_rope_fits_model(cfg: TrainConfig) -> None:
@@ -358,21 +429,12 @@ def check_rope_fits_model(cfg: TrainConfig) -> None:
     The text model's geometry comes from the tiny config, or from the checkpoint's config.json (a local read,
     no weights); a path that is not a directory is left to the model build, which names `model.path`.
     """
-    from mmrope.model.families import EncodingMisfit, check_encoding, text_geometry, tiny_config
+    from mmrope.model.families import EncodingMisfit, check_encoding, text_geometry
 
     m = cfg.model
-    if m.kind == "tiny":
-        ids = dict.fromkeys(
-            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 0
-        ) | {"pad_token_id": 0, "eos_token_id": 0}
-        text_config = tiny_config(m.family, m.tiny, vocab_size=8, special_ids=ids).get_text_config()
-    else:
-        path = m.path if m.kind == "pretrained" else m.llm_path
-        if not path or not Path(path).is_dir():
-            return
-        from transformers import AutoConfig
-
-        text_config = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
+    text_config = _text_config(m)
+    if text_config is None:
+        return
     try:
         check_encoding(cfg.rope.encoding(), text_geometry(text_config))
     except EncodingMisfit as e:

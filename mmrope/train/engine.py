@@ -21,10 +21,20 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    sp_size: int = 1  # trainer.sequence_parallel_size: consecutive ranks [k*N, (k+1)*N) train one row
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which row this rank trains: the index of its sequence-parallel group."""
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
 
 
 def _free_port() -> int:
@@ -73,6 +83,26 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def init_sequence_parallel(d: Dist, size: int):
+    """The SP groups of `size` consecutive ranks (torch process groups; every rank creates every group, as
+    `new_group` requires); returns this rank's `SequenceParallel`, or None for size 1. Sets `d.sp_size`."""
+    if size == 1:
+        return None
+    from mmrope.model.sequence_parallel import SequenceParallel
+
+    if d.world_size % size:
+        raise ValueError(
+            f"config key `trainer.sequence_parallel_size`: {size} does not divide the world size {d.world_size}"
+        )
+    mine = None
+    for start in range(0, d.world_size, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= d.rank < start + size:
+            mine = group
+    d.sp_size = size
+    return SequenceParallel(mine, size=size, rank=d.rank % size)
+
+
 def all_reduce_values(values: list[float], op: str = "sum") -> list[float]:
     """All-reduce a few host numbers (counts, flags) over the default group; identity without one.
 
@@ -103,7 +133,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     if ds.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # export consolidates from shards instead
     config = {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed counts every rank as a data-parallel replica (its ZeRO group is the whole world); an SP group
+        # of N ranks trains one row, which DeepSpeed then counts N times.
+        "train_batch_size": t.global_batch_size * t.sequence_parallel_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "gradient_clipping": t.optim.grad_clip,

@@ -148,16 +148,22 @@ class Trainer:
         num_tokens_local = sum(int(r["input_ids"].numel()) for r in rows)
         num_samples_local = sum(r["num_samples"] for r in rows)
         # Sync point: the loss is normalised by the supervised tokens of the whole step, all ranks and micro
-        # steps, so every token weighs the same however the packer distributed them.
-        num_global, num_tokens, num_samples = _all_sum([num_local, num_tokens_local, num_samples_local])
+        # steps, so every token weighs the same however the packer distributed them. The ranks of a sequence-
+        # parallel group hold the same rows (each computes the loss of its slice): they count them once.
+        sp = self.d.sp_size
+        # SP pads each row to a multiple of its size (the pad is a sample of its own, without labels)
+        num_pad_local = sum(-int(r["input_ids"].shape[1]) % sp for r in rows)
+        totals = _all_sum([num_local, num_tokens_local, num_samples_local, num_pad_local])
+        num_global, num_tokens, num_samples, num_pad = (v / sp for v in totals)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, row in enumerate(rows):
             batch = to_device(row, self.d.device)  # uint8 pixels are expanded there (data/pixels.py)
             loss = self.engine(batch, num_global_tokens=max(num_global, 1.0))
             if self.step + 1 == self.cfg.trainer.debug_inject_nan_at_step:
                 loss = loss * float("nan")  # testing aid: a NaN loss, and through backward NaN gradients
-            # ZeRO averages gradients over data-parallel ranks; undo that mean so the gradient is exactly
-            # d(sum of token losses / num_global). scale_wrt_gas=False: we normalised across micro steps already.
+            # ZeRO averages gradients over all ranks; undo that mean so the gradient is exactly d(sum of token
+            # losses / num_global): the sum over ranks (an SP rank's share is its slice's part of the row's
+            # gradient). scale_wrt_gas=False: we normalised across micro steps already.
             self.engine.backward(loss * self.d.world_size, scale_wrt_gas=False)
             loss_sum += loss.detach().double().cpu()
             if i < len(rows) - 1:
@@ -216,6 +222,8 @@ class Trainer:
             "train/samples": num_samples,
             "train/tokens_seen": self.tokens_seen,
         }
+        if sp > 1:
+            stats["train/sp_pad_tokens"] = num_pad  # pad tokens added so that SP divides the row length
         return global_loss, stats
 
     def _global_skips(self) -> tuple[int, Counter, dict[str, Counter]]:

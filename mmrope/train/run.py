@@ -24,7 +24,7 @@ from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
 from mmrope.train.config import OptimConfig, TrainConfig, rope_hparams_error
-from mmrope.train.engine import Dist, build_engine, init_distributed
+from mmrope.train.engine import Dist, build_engine, init_distributed, init_sequence_parallel
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
 from mmrope.train.throughput import Throughput, detect_peak_tflops, device_name
@@ -171,6 +171,7 @@ class Session:
 
 def build_session(cfg: TrainConfig) -> Session:
     d = init_distributed()
+    sp = init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)
     seed_everything(cfg.trainer.seed, d.rank)
     run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
     flat = flatten(cfg)
@@ -189,7 +190,10 @@ def build_session(cfg: TrainConfig) -> Session:
         seed=cfg.trainer.seed,
     )
     try:
-        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)  # the one seam
+        # the one seam
+        install(
+            model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe, sequence_parallel=sp
+        )
     except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
         if not any(h in str(e) for h in encoding.hparams):
             raise
@@ -198,7 +202,9 @@ def build_session(cfg: TrainConfig) -> Session:
     apply_activation_checkpointing(
         model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
     )
-    objective = SFTObjective(model, zero_stage=cfg.deepspeed.stage, balance_vision=d.world_size > 1)
+    objective = SFTObjective(
+        model, zero_stage=cfg.deepspeed.stage, balance_vision=d.dp_size > 1, sequence_parallel=sp
+    )
 
     fingerprint = config_fingerprint(flat)
     latest = ckpt.latest()
@@ -207,11 +213,17 @@ def build_session(cfg: TrainConfig) -> Session:
     manifest = None
     if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
         manifest = ckpt.check_compatible(latest, fingerprint)
+        saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
+        if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
+            raise ValueError(
+                f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
+                f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
+            )
     # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
     # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
     resized = manifest is not None and manifest["world_size"] != d.world_size
     if resized:
-        PackedRowStream.check_slots(cfg.data.num_slots, d.world_size, cfg.data.num_workers)
+        PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
         ckpt.universal(latest)
     engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
     rank_state = ckpt.load(engine, latest, manifest) if manifest is not None else {}
@@ -231,8 +243,8 @@ def build_session(cfg: TrainConfig) -> Session:
             sample_processor,
             max_tokens=cfg.data.max_tokens,
             seed=cfg.data.seed,
-            rank=d.rank,
-            world_size=d.world_size,
+            rank=d.dp_rank,  # the ranks of an SP group read the same rows
+            world_size=d.dp_size,
             num_slots=cfg.data.num_slots,
             shuffle_buffer=cfg.data.shuffle_buffer,
             error_policy=cfg.data.error_policy,
