@@ -37,12 +37,15 @@ from PIL import Image
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 
 
-@dataclass(frozen=True)
+@dataclass
 class VideoSampling:
-    """How video files are sampled and how large video frames may be (Qwen2.5-VL's `qwen_vl_utils` defaults are
-    fps 2, 4..768 frames, 128..768 merged tokens per frame and 24576 per video: see configs/data/shards.yaml).
-    `min_pixels`/`max_pixels`/`total_pixels` None: frames are resized by the image processor's own limits and no
-    per-video budget applies."""
+    """How video files are sampled, like Qwen's `qwen_vl_utils`; the schema of the `data.video` config key.
+
+    `fps` frames per second of video, `min_frames`..`max_frames` per video, frames resized within
+    `min_pixels`..`max_pixels` and, with `total_pixels`, to at most that many pixels per video (Qwen2.5-VL's
+    defaults: fps 2, 4..768 frames, 128..768 merged tokens per frame and 24576 per video, see
+    configs/data/shards.yaml). Unset pixel limits: the image limits (data.min_pixels, data.max_pixels) and no
+    per-video budget. Frame lists keep their frames (and their own `fps`). Not frozen: Hydra overrides it."""
 
     fps: float = 2.0
     min_frames: int = 4

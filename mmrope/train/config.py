@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from data.video import VideoSampling
 from mmrope.model.config import ModelConfig, _one_of, _require
 from mmrope.model.families import FAMILIES
 
@@ -88,31 +89,6 @@ class SyntheticConfig:
 
 
 @dataclass
-class VideoConfig:
-    """How video files are sampled (data/video.py, like Qwen's `qwen_vl_utils`): `fps` frames per second of
-    video, `min_frames`..`max_frames` per video, frames resized within `min_pixels`..`max_pixels` and, with
-    `total_pixels`, to at most that many pixels per video. Unset pixel limits: the image limits (data.min_pixels,
-    data.max_pixels) and no per-video budget. Frame lists keep their frames (and their own `fps`)."""
-
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 768
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    total_pixels: int | None = None
-
-    def __post_init__(self) -> None:
-        from data.video import VideoSampling
-
-        VideoSampling(**self.__dict__)  # raises ValueError naming data.video.<key>
-
-    def sampling(self):
-        from data.video import VideoSampling
-
-        return VideoSampling(**self.__dict__)
-
-
-@dataclass
 class DataConfig:
     source: str = (
         "synthetic"  # synthetic (generated, or data.shards if given) | shards (data.shards or mixture)
@@ -123,7 +99,7 @@ class DataConfig:
     max_tokens: int = 32768  # packing budget per row
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
-    video: VideoConfig = field(default_factory=VideoConfig)
+    video: VideoSampling = field(default_factory=VideoSampling)
     system_prompt: str | None = None
     shuffle_buffer: int = 256  # record references per slot (nothing is read while a record waits here)
     num_workers: int = 0

@@ -142,7 +142,7 @@ def make_sample_processor(
         layout=cfg.rope_layout(),
         system_prompt=cfg.data.system_prompt,
         dipe=cfg.rope.dipe,
-        video=cfg.data.video.sampling(),
+        video=cfg.data.video,
         pixels=pixels,
         seed=cfg.data.seed,
     )

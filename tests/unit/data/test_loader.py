@@ -310,9 +310,10 @@ def test_every_bad_input_is_a_counted_reason_and_eval_raises(proc, synthetic_sha
     ],
 )
 def test_data_config_errors_name_their_key(kw, key):
-    from mmrope.train.config import DataConfig, VideoConfig
+    from data.video import VideoSampling
+    from mmrope.train.config import DataConfig
 
-    build_config = VideoConfig if "fps" in kw else DataConfig
+    build_config = VideoSampling if "fps" in kw else DataConfig
     with pytest.raises(ValueError, match=key.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
         build_config(**kw)
 
