@@ -90,13 +90,27 @@ class ModelConfig:
     attn_backend: str = "auto"  # auto: torch's varlen FlashAttention on CUDA (bf16), per-sample SDPA on CPU
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     activation_checkpointing: str = (
-        "none"  # none | all | every_k (LLM decoder layers; the frozen ViT stores nothing)
+        "none"  # none | all | every_k | first_n (LLM decoder layers; the frozen ViT stores nothing)
     )
     activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
+    activation_checkpointing_layers: int = (
+        0  # with first_n: checkpoint layers 0..n-1, keep the rest's activations
+    )
+    compile: bool = False  # torch.compile the LLM's RMSNorms and dense MLPs (mmrope/model/compile.py)
 
     def __post_init__(self) -> None:
         _one_of(self.kind, MODEL_KINDS, "model.kind")
-        _one_of(self.activation_checkpointing, ("none", "all", "every_k"), "model.activation_checkpointing")
+        _one_of(
+            self.activation_checkpointing,
+            ("none", "all", "every_k", "first_n"),
+            "model.activation_checkpointing",
+        )
+        if self.activation_checkpointing == "first_n":
+            _require(
+                self.activation_checkpointing_layers >= 1,
+                "model.activation_checkpointing_layers",
+                "must be >= 1 with activation_checkpointing=first_n (how many decoder layers to recompute)",
+            )
         _require(
             self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every", "must be >= 1"
         )

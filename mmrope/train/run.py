@@ -18,6 +18,7 @@ from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
 from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
+from mmrope.model.compile import compile_decoder
 from mmrope.model.freeze import apply_freeze
 from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
@@ -200,8 +201,12 @@ def build_session(cfg: TrainConfig) -> Session:
         raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
     counts = apply_freeze(model, cfg.model.freeze)
     apply_activation_checkpointing(
-        model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
+        model,
+        cfg.model.activation_checkpointing,
+        cfg.model.activation_checkpointing_every,
+        cfg.model.activation_checkpointing_layers,
     )
+    compiled = compile_decoder(model) if cfg.model.compile else []
     objective = SFTObjective(
         model, zero_stage=cfg.deepspeed.stage, balance_vision=d.dp_size > 1, sequence_parallel=sp
     )
@@ -275,6 +280,10 @@ def build_session(cfg: TrainConfig) -> Session:
         )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    if compiled:
+        metrics.print(
+            f"  model.compile: {len(compiled)} LLM modules (RMSNorms, dense MLPs) compiled on first use"
+        )
     for change in changes:  # resumed with other settings than the checkpoint's: say which, they apply now
         metrics.print(change)
     for line in video_report(stream):

@@ -1,7 +1,8 @@
 """Run by torchrun from tests: a few training steps under ZeRO, then each rank dumps its view of the run.
 
 usage: torchrun --nproc_per_node 2 zero_worker.py OUT_DIR STEPS override [override ...]
-Each rank writes OUT_DIR/rank_R.pt = {"losses": [...], "params": {name: full fp32 tensor}, "initial": {...}}.
+Each rank writes OUT_DIR/rank_R.pt = {"losses": [...], "params": {name: full fp32 tensor}, "initial": {...},
+"compiled": [module names that model.compile compiled], ...}.
 """
 
 import sys
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from mmrope.model.compile import compiled_modules  # noqa: E402
 from mmrope.train.config import register_configs, validate  # noqa: E402
 from mmrope.train.run import build_session  # noqa: E402
 
@@ -45,7 +47,14 @@ def main() -> None:
     params = full_params(module, cfg.deepspeed.stage)
     dtypes = sorted({str(p.dtype) for p in module.parameters()})  # what the engine trains in (bf16 proxy)
     torch.save(
-        {"losses": losses, "media": media, "params": params, "initial": initial, "dtypes": dtypes},
+        {
+            "losses": losses,
+            "media": media,
+            "params": params,
+            "initial": initial,
+            "dtypes": dtypes,
+            "compiled": compiled_modules(module),
+        },
         out_dir / f"rank_{s.dist.rank}.pt",
     )
 

@@ -20,7 +20,7 @@ SPECIAL = {
 }
 
 
-def loss_and_grads(mode: str, every: int = 1):
+def loss_and_grads(mode: str, every: int = 1, layers: int = 0):
     cfg = ModelConfig(
         tiny=TinyModelConfig(
             hidden_size=128,
@@ -32,7 +32,7 @@ def loss_and_grads(mode: str, every: int = 1):
     )
     model = build_model(cfg, vocab_size=64, special_ids=SPECIAL, seed=0)
     apply_freeze(model, FreezeConfig())
-    chosen = apply_activation_checkpointing(model, mode, every)
+    chosen = apply_activation_checkpointing(model, mode, every, layers)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(7, 64, (1, 10), generator=g)
     ids[0, 2:6] = torch.tensor([3, 5, 5, 4])  # VS, 2 image tokens (grid 1x2x4 -> 2 merged), VE
@@ -43,10 +43,13 @@ def loss_and_grads(mode: str, every: int = 1):
     return out.loss.detach(), grads, chosen, model
 
 
-@pytest.mark.parametrize("mode,every,expected", [("all", 1, [0, 1, 2, 3]), ("every_k", 2, [1, 3])])
-def test_recompute_is_exact_and_only_on_the_llm(mode, every, expected):
+@pytest.mark.parametrize(
+    "mode,every,layers,expected",
+    [("all", 1, 0, [0, 1, 2, 3]), ("every_k", 2, 0, [1, 3]), ("first_n", 1, 3, [0, 1, 2])],
+)
+def test_recompute_is_exact_and_only_on_the_llm(mode, every, layers, expected):
     ref_loss, ref_grads, none_chosen, _ = loss_and_grads("none")
-    loss, grads, chosen, model = loss_and_grads(mode, every)
+    loss, grads, chosen, model = loss_and_grads(mode, every, layers)
     assert none_chosen == [] and chosen == expected
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [
         i in expected for i in range(4)
@@ -64,6 +67,10 @@ def test_recompute_is_exact_and_only_on_the_llm(mode, every, expected):
 def test_bad_mode_names_the_key():
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         ModelConfig(activation_checkpointing="sometimes")
+    with pytest.raises(ValueError, match="model.activation_checkpointing_layers"):
+        ModelConfig(activation_checkpointing="first_n")  # how many layers is not said
+    with pytest.raises(ValueError, match=r"model.activation_checkpointing_layers.*1\.\.4"):
+        loss_and_grads("first_n", layers=5)  # more layers than the model has
 
 
 def _saved_bytes_and_vit_graph(mode: str) -> tuple[int, bool]:
