@@ -33,11 +33,19 @@ def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
     bench = results["bench"]
     assert bench["loss_abs_diff"] < 1e-4  # both paths of the step benchmark optimise the same loss
     assert bench["mmrope"]["tokens_per_s"] > 0 and len(bench["dipe_vs_mrope"]) == 2
+    # mmrope's variants: the compiled one with fewer recomputed layers trains the same loss (same weights, lr=0)
+    variants = bench["variants"]
+    assert list(variants) == ["all", "first_n=1+compile"], variants
+    assert abs(variants["first_n=1+compile"]["first_loss"] - variants["all"]["first_loss"]) < 1e-4
+    assert bench["best"]["variant"] in variants and bench["best"]["llm_mfu"] > 0
+    for prof in bench["profile"].values():  # kernel-time breakdown of the first and last variant
+        assert prof["categories"]["matmul"]["ms"] > 0 and prof["top"], prof
     assert all("step_time_ratio" in e for e in bench["dipe_vs_mrope"])
     assert results["train_mrope"]["steps"] == 3 and results["train_dipe"]["steps"] == 2
     assert results["attention"]["dipe_memory_growth"] > 0
     block = (out / "RESULTS_block.md").read_text()
     assert "make gpu-check DRY=1" in block and results["commit"] in block
+    assert "Profile of one `all` step" in block and "| first_n=1+compile |" in block
     for goal in results["goals"]:
         assert goal in block
     assert (out / "gpu_check.log").stat().st_size > 0

@@ -21,6 +21,13 @@ LLM MFU: the frozen ViT's forward on the step's images is timed on its own; `llm
 `--layers N` the decoder has N layers instead of the preset's (to fit a time budget): every figure is then for
 that N-layer model, which is said in the output (`num_layers`).
 
+Variants of mmrope's path (`--variants`, LLM MFU per variant; `best` is the highest): `all` recomputes every
+decoder layer (the shipped default), `first_n=N` only the first N (the others keep their activations: less
+recompute, more memory), `every_k=K` every K-th; `+compile` adds `model.compile` (mmrope/model/compile.py: fused
+RMSNorms and SwiGLU products). They run in the given order on one model (compiled variants last: compiling is not
+undone); an out-of-memory variant is recorded and the next one still runs. `--profile` adds a kernel-time breakdown
+(matmul / attention / elementwise / compiled / optimizer / copies ...) of one step of the first and the last variant.
+
 DIPE vs MRoPE (`--dipe-lengths`, default 8K/16K/32K on CUDA): the same installed model trains one packed row of
 each length with DIPE switched on and off in its attention layers (dynamic + anchored static positions, as the
 data path computes them); reported: step time and peak memory per length and their DIPE / MRoPE ratios.
@@ -42,8 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mmrope.encodings import TokenIds, anchored_positions, build  # noqa: E402
+from mmrope.model.compile import compile_decoder  # noqa: E402
 from mmrope.model.install import install  # noqa: E402
 from mmrope.model.objective import SFTObjective  # noqa: E402
+from mmrope.model.recompute import apply_activation_checkpointing  # noqa: E402
 from mmrope.train.flops import shapes_from_hf_config, step_flops  # noqa: E402
 
 PRESETS = {
@@ -271,6 +280,87 @@ def time_vit_forward(model, row: dict, steps: int, device: torch.device) -> floa
     return timed_steps(vit, steps, device)[1]
 
 
+def parse_variant(spec: str) -> tuple[str, int, bool]:
+    """`all` | `none` | `first_n=N` | `every_k=K`, optionally `+compile` -> (recompute mode, N or K, compile)."""
+    parts = spec.split("+")
+    compiled = "compile" in parts[1:]
+    if any(p != "compile" for p in parts[1:]):
+        raise ValueError(f"--variants: unknown modifier in {spec!r} (only +compile)")
+    mode, _, num = parts[0].partition("=")
+    if mode not in ("all", "none", "first_n", "every_k") or (mode in ("first_n", "every_k")) != bool(num):
+        raise ValueError(f"--variants: {spec!r} is not all | none | first_n=N | every_k=K [+compile]")
+    return mode, int(num or 0), compiled
+
+
+def apply_variant(model, spec: str) -> None:
+    mode, num, compiled = parse_variant(spec)
+    apply_activation_checkpointing(
+        model, mode, every=num if mode == "every_k" else 1, layers=num if mode == "first_n" else 0
+    )
+    if compiled:
+        compile_decoder(model)
+
+
+KERNEL_CATEGORIES = (  # first match wins; CUDA kernel names on GPU, aten op names on CPU
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("compiled (inductor)", ("triton_", "cpp_fused", "graph_", "compiledfunction")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "fused_adam")),
+    ("communication", ("nccl", "all_reduce", "allgather", "reduce_scatter")),
+    ("copy / cast / fill", ("copy", "memcpy", "memset", "fill", "cast", "aten::to", "cat", "index")),
+    (
+        "norm / softmax / reduction",
+        ("reduce", "norm", "softmax", "mean", "sum", "cross_entropy", "logsumexp"),
+    ),
+    (
+        "elementwise",
+        ("elementwise", "vectorized", "unrolled", "aten::mul", "aten::add", "silu", "sigmoid", "rsqrt"),
+    ),
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return category
+    return "other"
+
+
+def profile_step(step_fn, device: torch.device, wall_s: float) -> dict:
+    """One profiled step: device time per kernel category (ms, share), the top kernels, and the busy fraction
+    (kernel time / the step's unprofiled wall time: well below 1 means launch or host overhead)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step_fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if cuda and e.device_type == DeviceType.CUDA:
+            rows.append((e.key, e.self_device_time_total / 1e3, e.count))
+        elif not cuda and e.key.startswith("aten::"):  # CPU: leaf aten ops' own time
+            rows.append((e.key, e.self_cpu_time_total / 1e3, e.count))
+    total = sum(ms for _, ms, _ in rows) or 1e-9
+    cats: dict[str, float] = {}
+    for name, ms, _ in rows:
+        cats[categorize(name)] = cats.get(categorize(name), 0.0) + ms
+    top = sorted(rows, key=lambda r: -r[1])[:15]
+    return {
+        "unit": "ms of CUDA kernel time" if cuda else "ms of CPU time in aten ops",
+        "total_ms": total,
+        "busy_fraction": total / 1e3 / wall_s if wall_s else None,
+        "categories": {
+            k: {"ms": v, "share": v / total} for k, v in sorted(cats.items(), key=lambda kv: -kv[1])
+        },
+        "top": [{"name": n[:120], "ms": ms, "calls": c, "category": categorize(n)} for n, ms, c in top],
+    }
+
+
 def save(results: dict, path: Path | None) -> None:
     """Write what has been measured so far (the GPU check caps this script's time; partial figures still count)."""
     if path:
@@ -323,6 +413,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--peak-tflops", type=float, default=989.0, help="per-device dense bf16 peak (H100/H200 SXM)"
     )
+    ap.add_argument(
+        "--baseline-steps", type=int, default=None, help="timed steps of the usual recipe (default: --steps)"
+    )
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
     ap.add_argument(
         "--dipe-lengths",
@@ -332,12 +425,32 @@ def main(argv: list[str] | None = None) -> dict:
         help="row lengths of the DIPE vs MRoPE comparison (default 8192 16384 32768 on CUDA, none on CPU)",
     )
     ap.add_argument("--skip-baseline", action="store_true", help="only mmrope's path (and the DIPE scan)")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="mmrope path variants, in order: all | none | first_n=N | every_k=K, +compile "
+        "(default on CUDA: all all+compile first_n=20+compile; on CPU: all)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="kernel-time breakdown of the first and last variant"
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.dipe_lengths is None:
         args.dipe_lengths = [8192, 16384, 32768] if device.type == "cuda" else []
+    if args.variants is None:
+        args.variants = ["all", "all+compile", "first_n=20+compile"] if device.type == "cuda" else ["all"]
+    compiled_seen = False
+    for spec in args.variants:  # validate all before the (long) runs; compiling cannot be undone on the model
+        compiled = parse_variant(spec)[2]
+        if compiled_seen and not compiled:
+            raise ValueError(
+                f"--variants: {spec!r} comes after a +compile variant; put compiled variants last"
+            )
+        compiled_seen |= compiled
     model, tokens = make_model(args.preset, device, dtype, args.layers)
     vocab = model.config.text_config.vocab_size
     samples = make_samples(args.tokens, tokens, vocab)
@@ -405,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["baseline"] = {"error": "skipped (--skip-baseline)"}
     else:
         try:
-            loss, secs, peak = timed_steps(baseline_step, args.steps, device)
+            loss, secs, peak = timed_steps(baseline_step, args.baseline_steps or args.steps, device)
             results["baseline"] = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
         except torch.OutOfMemoryError as e:
             results["baseline"] = {"error": f"OOM: {str(e).splitlines()[0]}"}
@@ -422,9 +535,6 @@ def main(argv: list[str] | None = None) -> dict:
     # -- mmrope: packed row, installed encoding, varlen attention (auto), chunked loss --------------------------
     encoding = build("mrope")
     install(model, encoding, attn_backend="auto")
-    from mmrope.model.recompute import apply_activation_checkpointing
-
-    apply_activation_checkpointing(model, "all")
     objective = SFTObjective(model)
     row = mmrope_row(samples, encoding, tokens, device, dtype)
     row["pixel_values"] = pixels_all
@@ -437,21 +547,43 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
-    results["mmrope"] = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
     vit_s = time_vit_forward(model, row, args.steps, device)
     llm_flops = flops - flops_parts["vit"]
-    results["mmrope"].update(
-        vit_forward_s=vit_s, llm_mfu=llm_flops / max(secs - vit_s, 1e-9) / (args.peak_tflops * 1e12)
-    )
     results["flops_split"] = {k: v / flops for k, v in flops_parts.items() if k != "total"}
-    if "step_s" in results["baseline"]:
+    results["variants"], results["profile"] = {}, {}
+    for i, spec in enumerate(args.variants):
+        apply_variant(model, spec)
+        try:
+            loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
+        except torch.OutOfMemoryError as e:
+            results["variants"][spec] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            save(results, args.out)
+            continue
+        fig = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
+        fig.update(
+            vit_forward_s=vit_s, llm_mfu=llm_flops / max(secs - vit_s, 1e-9) / (args.peak_tflops * 1e12)
+        )
+        results["variants"][spec] = fig
+        if i == 0:  # the shipped default: the figures compared with the usual recipe
+            results["mmrope"] = {**fig, "variant": spec}
+        if args.profile and i in (0, len(args.variants) - 1):
+            results["profile"][spec] = profile_step(mmrope_step, device, secs)
+        save(results, args.out)
+    measured = {k: v for k, v in results["variants"].items() if "llm_mfu" in v}
+    if measured:
+        best = max(measured, key=lambda k: measured[k]["llm_mfu"])
+        results["best"] = {"variant": best, **measured[best]}
+    if "step_s" in results["baseline"] and "mmrope" in results:
         results["loss_abs_diff"] = abs(results["mmrope"]["first_loss"] - results["baseline"]["first_loss"])
         results["speedup_tokens_per_s"] = (
             results["mmrope"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
         )
     save(results, args.out)
-    if args.dipe_lengths:
+    if args.dipe_lengths:  # every layer recomputed (the default), compiled if a variant compiled the model
+        apply_activation_checkpointing(model, "all")
+        results["dipe_scan_model"] = "all" + ("+compile" if compiled_seen else "")
         results["dipe_vs_mrope"] = []  # filled length by length, saved after each (a time cap keeps what ran)
         dipe_scan(model, encoding, tokens, opt, args, device, dtype, results)
     print(json.dumps(results, indent=1))
