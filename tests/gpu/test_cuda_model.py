@@ -13,7 +13,9 @@ import torch
 
 from mmrope.attention import TORCH_VARLEN, resolve_backend
 from mmrope.encodings import anchored_positions, build
+from mmrope.model.compile import compile_decoder
 from mmrope.model.install import install, seam_kwargs
+from mmrope.model.recompute import apply_activation_checkpointing
 from tests.unit.model.tiny import TOKENS, image_sample, pixels, tiny_qwen2_5_vl
 
 pytestmark = [
@@ -34,11 +36,14 @@ def _packed_row():
     return ids_L, grid, cu, px
 
 
-def _loss_and_grads(backend: str, dipe: bool, dtype: torch.dtype):
+def _loss_and_grads(backend: str, dipe: bool, dtype: torch.dtype, compiled: bool = False):
     enc = build("mrope", mrope_section=[4, 6, 6])
     model = tiny_qwen2_5_vl(num_heads=4, num_kv_heads=2, head_dim=HEAD_DIM, mrope_section=[4, 6, 6], seed=0)
     install(model, enc, attn_backend=backend, dipe=dipe)
     model = model.to("cuda", dtype).train()
+    if compiled:  # model.compile: RMSNorms and SwiGLU products through inductor (triton kernels on CUDA)
+        apply_activation_checkpointing(model, "all")
+        compile_decoder(model)
     ids_L, grid, cu, px = _packed_row()
     pos_3BL = enc.packed_position_ids(ids_L, cu, tokens=TOKENS, image_grid_thw=grid)[:, None]
     max_seqlen = int((cu[1:] - cu[:-1]).max())
@@ -101,6 +106,19 @@ def test_auto_fp32_equals_eager_on_packed_row(dipe: bool):
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(TORCH_VARLEN is None, reason="this torch has no torch.nn.attention.varlen")
+def test_compiled_decoder_bf16_equals_eager_path():
+    """`model.compile=true` on the GPU's real path (bf16, varlen attention, recompute, DIPE): the fused triton
+    norms/SwiGLU skip some intermediate bf16 roundings, so agreement is to bf16 noise, not bitwise."""
+    logits, grads = _loss_and_grads("auto", True, torch.bfloat16, compiled=True)
+    ref_logits, ref_grads = _loss_and_grads("auto", True, torch.bfloat16)
+    assert torch.isfinite(logits).all()
+    assert _rel(logits, ref_logits) < 2e-2
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert _rel(grads[name], ref_grads[name]) < 5e-2, name
 
 
 @pytest.mark.skipif(TORCH_VARLEN is None, reason="this torch has no torch.nn.attention.varlen")
