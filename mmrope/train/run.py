@@ -203,7 +203,12 @@ def build_session(cfg: TrainConfig) -> Session:
         model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every
     )
     objective = SFTObjective(
-        model, zero_stage=cfg.deepspeed.stage, balance_vision=d.dp_size > 1, sequence_parallel=sp
+        model,
+        loss_backend=cfg.loss.backend,
+        loss_chunk_size=cfg.loss.chunk_size,
+        zero_stage=cfg.deepspeed.stage,
+        balance_vision=d.dp_size > 1,
+        sequence_parallel=sp,
     )
 
     fingerprint = config_fingerprint(flat)
