@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from mmrope.model.loss import liger_unavailable_reason, linear_cross_entropy, shift_labels
+from tests.conftest import ROOT
 
 IGNORE = -100
 
@@ -288,6 +291,22 @@ def test_liger_backend_is_refused_without_cuda():
     hidden_ND, weight_VD, _, labels_N = make_inputs(8, 4, 6, num_supervised=4)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         linear_cross_entropy(hidden_ND, weight_VD, labels_N, backend="liger")
+
+
+def test_only_the_loss_module_touches_liger_and_nothing_applies_its_patches():
+    """Liger's `apply_liger_kernel_to_*` (and AutoLigerKernelFor*) replace transformers' rotary code, norms and
+    forwards: mmrope's encodings enter at its own seam, so only the loss function may be used, from one module.
+    (tests/gpu/test_liger_loss.py checks the modelling modules after a Liger run on CUDA.)"""
+    sources = [
+        ROOT / "train.py",
+        *sorted((ROOT / "mmrope").rglob("*.py")),
+        *sorted((ROOT / "data").rglob("*.py")),
+    ]
+    imports = re.compile(r"(import|from)\s+liger_kernel|[\"']liger_kernel")  # statements, or a name to import
+    users = [p.relative_to(ROOT).as_posix() for p in sources if imports.search(p.read_text())]
+    assert users == ["mmrope/model/loss.py"]
+    for path in sources:
+        assert not re.search(r"apply_liger_kernel\w*\s*\(|AutoLigerKernel", path.read_text()), path
 
 
 def test_liger_backend_with_no_supervised_token_is_exact_zero_without_liger():
