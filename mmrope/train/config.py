@@ -291,9 +291,8 @@ class LossConfig:
     # chunked: mmrope's own loop over `chunk_size` rows of logits at a time (any device) | liger: Liger-Kernel's
     # fused linear cross-entropy (CUDA + `pip install liger-kernel`; picks its own chunking)
     backend: str = "chunked"
-    chunk_size: int = (
-        4096  # rows of logits materialised at once by the chunked backend (~6 x chunk_size x V B)
-    )
+    # rows of logits materialised at once by the chunked backend: ~6 x chunk_size x vocab bytes with a bf16 head
+    chunk_size: int = 4096
 
     def __post_init__(self) -> None:
         from mmrope.model.loss import LOSS_BACKENDS
