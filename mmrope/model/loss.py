@@ -6,6 +6,12 @@ that do would still cost ``N * V * 4`` bytes in float32 (32768 * 151936 * 4 B ~ 
 ``chunk_size`` rows: each chunk's logits exist only inside one loop iteration, in forward and again
 (recomputed) in backward. Peak extra memory is ``O(chunk_size * V)`` on top of the inputs and their gradients.
 
+``backend="liger"`` hands the same selected rows to Liger-Kernel's fused linear cross-entropy instead (Triton,
+CUDA only, an optional dependency: ``pip install liger-kernel``). It computes the gradients inside the forward
+and keeps them until backward (``n * D + V * D`` elements in the weight's dtype) and picks its own chunking;
+only its loss function is used: never one of its ``apply_liger_kernel_to_*`` patches, which would replace
+transformers' rotary code under the encoding installed at mmrope's seam.
+
 Conventions:
 - The causal shift is the caller's job: ``labels_N[i]`` is the token that position ``i`` must predict. Use
   :func:`shift_labels` to build them from unshifted labels; it shifts within each packed sample so that no
@@ -21,6 +27,7 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,25 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
+LOSS_BACKENDS = ("chunked", "liger")  # configs: loss.backend
+LIGER_MODULE = "liger_kernel.transformers.functional"
+
+
+def liger_unavailable_reason() -> str | None:
+    """Why ``backend="liger"`` cannot run in this process (no CUDA, or Liger not importable); None if it can.
+
+    Imports Liger (and Triton) only when CUDA is there: this is what config validation calls for
+    ``loss.backend=liger``, so a machine without either learns it before anything heavy starts.
+    """
+    if not torch.cuda.is_available():
+        return (
+            "Liger's fused linear cross-entropy is a Triton kernel: it needs CUDA, and this machine has none"
+        )
+    try:
+        importlib.import_module(LIGER_MODULE)
+    except Exception as e:  # ImportError, or Triton failing to initialise
+        return f"liger_kernel is not importable ({type(e).__name__}: {e})"
+    return None
 
 
 def shift_labels(
@@ -96,6 +122,7 @@ def linear_cross_entropy(
     chunk_size: int = 4096,
     ignore_index: int = IGNORE_INDEX,
     lm_head_bias_V: Tensor | None = None,
+    backend: str = "chunked",
 ) -> Tensor:
     """Cross-entropy of ``hidden @ W.T (+ b)`` against ``labels``, never holding ``[N, V]`` logits.
 
@@ -114,6 +141,9 @@ def linear_cross_entropy(
             for bf16 weights (``4 * chunk_size * V`` for fp32).
         ignore_index: label value of positions without loss.
         lm_head_bias_V: optional bias ``[V]``.
+        backend: ``"chunked"`` (the loop below) or ``"liger"`` (Liger-Kernel's fused kernel on the same selected
+            rows; CUDA only, ``chunk_size`` does not apply). A row set with no supervised token takes the
+            chunked path on either backend (no work, exact zeros).
 
     Returns:
         0-dim float32 loss (float64 for float64 weights).
@@ -127,6 +157,8 @@ def linear_cross_entropy(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
     if lm_head_weight_VD.dim() != 2:
         raise ValueError(f"lm_head_weight_VD must be [V, D], got shape {tuple(lm_head_weight_VD.shape)}")
     vocab_size, dim = lm_head_weight_VD.shape
@@ -159,7 +191,12 @@ def linear_cross_entropy(
     bias_V = None if lm_head_bias_V is None else lm_head_bias_V.to(lm_head_weight_VD.dtype)
     targets_n = targets_n.to(device=hidden_ND.device, dtype=torch.long)
 
-    loss_sum = _ChunkedLinearCrossEntropy.apply(hidden_nD, lm_head_weight_VD, bias_V, targets_n, chunk_size)
+    if backend == "liger" and num_local_tokens > 0:
+        loss_sum = _liger_loss_sum(hidden_nD, lm_head_weight_VD, bias_V, targets_n)
+    else:
+        loss_sum = _ChunkedLinearCrossEntropy.apply(
+            hidden_nD, lm_head_weight_VD, bias_V, targets_n, chunk_size
+        )
 
     if num_global_tokens is None:
         num_global_tokens = num_local_tokens
@@ -168,6 +205,24 @@ def linear_cross_entropy(
     if num_global_tokens < 0:
         raise ValueError(f"num_global_tokens must be >= 0, got {num_global_tokens}")
     return loss_sum / max(num_global_tokens, 1)
+
+
+def _liger_loss_sum(hidden_nD: Tensor, weight_VD: Tensor, bias_V: Tensor | None, targets_n: Tensor) -> Tensor:
+    """Summed token loss of the selected rows by Liger's fused linear cross-entropy (0-dim, float32).
+
+    ``reduction="sum"``: the caller divides by the global token count, as for the chunked loss (Liger's "mean"
+    would divide by this call's own count). Liger fills the weight gradient only while computing the hidden
+    one, so a hidden that needs no gradient (frozen LLM, trained head) is made to need one, then dropped.
+    """
+    if hidden_nD.device.type != "cuda":
+        raise ValueError(f"backend='liger' needs CUDA tensors, got hidden on {hidden_nD.device}")
+    fused_linear_cross_entropy = importlib.import_module(LIGER_MODULE).liger_fused_linear_cross_entropy
+    if torch.is_grad_enabled() and weight_VD.requires_grad and not hidden_nD.requires_grad:
+        hidden_nD = hidden_nD.detach().requires_grad_()
+    with _autocast_off(hidden_nD.device):  # matmuls in the weight's dtype, as in the chunked path
+        return fused_linear_cross_entropy(
+            hidden_nD, weight_VD, targets_n, bias=bias_V, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:

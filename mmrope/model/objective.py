@@ -1,8 +1,9 @@
 """The SFT objective as a module: packed row in, summed token loss out.
 
 Wrapping the VLM in one `nn.Module` keeps the whole step inside a single forward, which is what DeepSpeed
-ZeRO-3 needs to gather partitioned parameters: the LM head weight is used by the chunked loss directly (no
-full-vocabulary logits), so it is registered as an external parameter of this module.
+ZeRO-3 needs to gather partitioned parameters: the LM head weight is used by the loss directly (no
+full-vocabulary logits; `loss_backend` chunked or liger, both in `mmrope.model.loss`), so it is registered as an
+external parameter of this module.
 
 Data parallelism with rows of different media: ZeRO-3 gathers a module's partitioned parameters with collectives
 each time it runs, so every rank must run the vision tower the same number of times per micro step. A rank whose
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from mmrope.model.install import is_installed, seam_kwargs
-from mmrope.model.loss import IGNORE_INDEX, linear_cross_entropy, shift_labels
+from mmrope.model.loss import IGNORE_INDEX, LOSS_BACKENDS, linear_cross_entropy, shift_labels
 from mmrope.model.sequence_parallel import SequenceParallel, pad_and_slice, pad_cu_seqlens
 
 
@@ -29,6 +30,7 @@ class SFTObjective(nn.Module):
         self,
         vlm: nn.Module,
         *,
+        loss_backend: str = "chunked",
         loss_chunk_size: int = 4096,
         zero_stage: int = 0,
         balance_vision: bool = False,
@@ -37,8 +39,13 @@ class SFTObjective(nn.Module):
         super().__init__()
         if not is_installed(vlm):
             raise ValueError("vlm: install an mmrope encoding first (mmrope.model.install.install)")
+        if loss_backend not in LOSS_BACKENDS:
+            raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {loss_backend!r}")
+        if loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
         self.vlm = vlm
-        self.loss_chunk_size = loss_chunk_size
+        self.loss_backend = loss_backend
+        self.loss_chunk_size = loss_chunk_size  # rows of logits at once (the chunked backend)
         self.balance_vision = balance_vision  # set for data-parallel runs (world size > 1)
         self.sp = sequence_parallel
         if zero_stage == 3:
@@ -85,6 +92,7 @@ class SFTObjective(nn.Module):
             num_global_tokens=num_global_tokens,
             chunk_size=self.loss_chunk_size,
             lm_head_bias_V=self.vlm.lm_head.bias,
+            backend=self.loss_backend,
         )
         return loss + media_zero
 
@@ -143,6 +151,7 @@ class SFTObjective(nn.Module):
             num_global_tokens=num_global_tokens,
             chunk_size=self.loss_chunk_size,
             lm_head_bias_V=self.vlm.lm_head.bias,
+            backend=self.loss_backend,
         )
 
     def _deepstack_slice(self, media: dict, masks_BL: dict, padded_len: int) -> dict:

@@ -285,12 +285,30 @@ class TrainerConfig:
 
 
 @dataclass
+class LossConfig:
+    """The token cross-entropy of the LM head (`mmrope.model.loss`), on the supervised rows only."""
+
+    # chunked: mmrope's own loop over `chunk_size` rows of logits at a time (any device) | liger: Liger-Kernel's
+    # fused linear cross-entropy (CUDA + `pip install liger-kernel`; picks its own chunking)
+    backend: str = "chunked"
+    # rows of logits materialised at once by the chunked backend: ~6 x chunk_size x vocab bytes with a bf16 head
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        from mmrope.model.loss import LOSS_BACKENDS
+
+        _one_of(self.backend, LOSS_BACKENDS, "loss.backend")
+        _require(self.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks that train different rows: world size / trainer.sequence_parallel_size."""
@@ -346,7 +364,24 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ValueError("config key `trainer.optim.lr`: must be finite")
     check_rope_fits_model(obj)
     check_sequence_parallel(obj)
+    check_loss_backend(obj)
     return obj
+
+
+def check_loss_backend(cfg: TrainConfig) -> None:
+    """loss.backend=liger needs CUDA and an importable liger_kernel on this machine: refuse before any model or data
+    is built, naming `loss.backend`. (Not in LossConfig.__post_init__: exporting a Liger-trained checkpoint reads
+    its config on any machine.)"""
+    if cfg.loss.backend != "liger":
+        return
+    from mmrope.model.loss import liger_unavailable_reason
+
+    if (reason := liger_unavailable_reason()) is not None:
+        raise ValueError(
+            f"config key `loss.backend`: liger cannot run here: {reason}. Train on a CUDA machine with "
+            "liger-kernel installed (`pip install liger-kernel`, or `pip install -e '.[liger]'`), or set "
+            "loss.backend=chunked (the built-in loss, same result)"
+        )
 
 
 def check_sequence_parallel(cfg: TrainConfig) -> None:

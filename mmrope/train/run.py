@@ -208,7 +208,12 @@ def build_session(cfg: TrainConfig) -> Session:
     )
     compiled = compile_decoder(model) if cfg.model.compile else []
     objective = SFTObjective(
-        model, zero_stage=cfg.deepspeed.stage, balance_vision=d.dp_size > 1, sequence_parallel=sp
+        model,
+        loss_backend=cfg.loss.backend,
+        loss_chunk_size=cfg.loss.chunk_size,
+        zero_stage=cfg.deepspeed.stage,
+        balance_vision=d.dp_size > 1,
+        sequence_parallel=sp,
     )
 
     fingerprint = config_fingerprint(flat)

@@ -6,6 +6,9 @@ the version installed in this checkout's `.venv`, so the box runs what CI tested
 (the box has 5.17; CI tests the pinned one). Packages PyPI ships only as source (DeepSpeed, antlr4) are
 built into pure-Python wheels here. `make gpu-check` installs `.whl/*.whl` with `pip --no-index` on the box.
 wandb is left out: the check runs with `trainer.wandb.mode=disabled`, which never imports it.
+liger-kernel (pure Python; its Triton comes with the box's CUDA torch) is for `loss.backend=liger` and its parity
+test: CI's `.venv` does not have it (it would pull Triton in), so it is fetched at the version that test was
+written against, or at the one in `.venv` when a developer installed it there.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,12 +45,21 @@ BINARY = [
     "regex",
 ]
 SOURCE_ONLY = ["deepspeed", "antlr4-python3-runtime"]
+OPTIONAL = {"liger-kernel": "0.8.5"}  # not in CI's .venv: this version unless .venv has one
+
+
+def installed_or(name: str, fallback: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return fallback
 
 
 def main() -> None:
     DEST.mkdir(exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     pins = [f"{name}=={version(name)}" for name in BINARY]
+    pins += [f"{name}=={installed_or(name, fallback)}" for name, fallback in OPTIONAL.items()]
     platform_args = [arg for p in PLATFORMS for arg in ("--platform", p)]
     print("downloading:", " ".join(pins))
     subprocess.run(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmrope.train.config import register_configs, validate
-from tests.conftest import ROOT
+from mmrope.train.config import LossConfig, register_configs, validate
+from tests.conftest import ROOT, clean_env
 
 CONFIGS = ROOT / "configs"
 # Values a user must supply (local paths, shard lists) are `???` in the YAML: fill them with dummies.
@@ -91,6 +94,8 @@ def test_issue_example_overrides_compose():
         ("deepspeed.offload_param=true", "deepspeed.offload_param"),
         ("data.error_policy=ignore", "data.error_policy"),
         ("trainer.run_name=a/b", "trainer.run_name"),
+        ("loss.backend=fused", "loss.backend"),
+        ("loss.chunk_size=0", "loss.chunk_size"),
         # the encoding's hyperparameters, also their fit to the model's heads (before anything is built)
         ("rope.hparams.mrope_section=[8,8,8]", "rope.hparams.mrope_section"),
         ("rope.hparams.mrope_section=[8,8]", "rope.hparams.mrope_section"),
@@ -101,6 +106,47 @@ def test_issue_example_overrides_compose():
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ValueError, match=f"`{key}`"):
         validate(compose_cfg([override]))
+
+
+def test_loss_section_defaults_and_overrides():
+    assert validate(compose_cfg([])).loss == LossConfig(backend="chunked", chunk_size=4096)
+    assert validate(compose_cfg(["loss.chunk_size=128"])).loss.chunk_size == 128
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without CUDA")
+def test_liger_loss_without_cuda_is_refused_at_validation():
+    """`python train.py loss.backend=liger` on a machine without CUDA: refused by validate(), naming the key and
+    both ways out, before anything is built (export reads the config without validate(): it must still load)."""
+    cfg = compose_cfg(["loss.backend=liger"])
+    with pytest.raises(
+        ValueError, match=r"config key `loss\.backend`: liger cannot run here: .*needs CUDA"
+    ) as e:
+        validate(cfg)
+    assert "pip install liger-kernel" in str(e.value) and "loss.backend=chunked" in str(e.value)
+    assert OmegaConf.to_object(cfg).loss.backend == "liger"  # the schema itself takes it (export, report)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without CUDA")
+def test_train_py_with_liger_loss_fails_fast_without_cuda(tmp_path):
+    """The command itself: exit status 1 with the message, and no data generated (it stopped at validation)."""
+    cache, out = tmp_path / "cache", tmp_path / "runs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "loss.backend=liger",
+            f"data.cache_dir={cache}",
+            f"trainer.output_dir={out}",
+        ],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "config key `loss.backend`: liger cannot run here" in proc.stderr
+    assert not cache.exists() and not (out / "tiny-default" / "checkpoints").exists()
 
 
 def test_unknown_key_fails_at_compose_time():

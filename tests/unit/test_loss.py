@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mmrope.model.loss import linear_cross_entropy, shift_labels
+from mmrope.model.loss import liger_unavailable_reason, linear_cross_entropy, shift_labels
+from tests.conftest import ROOT
 
 IGNORE = -100
 
@@ -269,6 +272,53 @@ def test_user_errors_raise_value_error():
         linear_cross_entropy(hidden_ND, weight_VD, labels_N, num_global_tokens=-1)
     with pytest.raises(ValueError, match="lm_head_bias_V"):
         linear_cross_entropy(hidden_ND, weight_VD, labels_N, lm_head_bias_V=torch.zeros(5))
+
+
+# ------------------------------------------------------------------------------------ loss.backend=liger
+# Liger's parity with the chunked loss needs CUDA and Triton: tests/gpu/test_liger_loss.py. Here: the refusals
+# that must hold on any machine, and the zero-token case, which never reaches Liger.
+
+
+def test_unknown_backend_is_refused():
+    hidden_ND, weight_VD, _, labels_N = make_inputs(8, 4, 6, num_supervised=4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_cross_entropy(hidden_ND, weight_VD, labels_N, backend="fused")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without CUDA")
+def test_liger_backend_is_refused_without_cuda():
+    assert "needs CUDA" in liger_unavailable_reason()
+    hidden_ND, weight_VD, _, labels_N = make_inputs(8, 4, 6, num_supervised=4)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        linear_cross_entropy(hidden_ND, weight_VD, labels_N, backend="liger")
+
+
+def test_only_the_loss_module_touches_liger_and_nothing_applies_its_patches():
+    """Liger's `apply_liger_kernel_to_*` (and AutoLigerKernelFor*) replace transformers' rotary code, norms and
+    forwards: mmrope's encodings enter at its own seam, so only the loss function may be used, from one module.
+    (tests/gpu/test_liger_loss.py checks the modelling modules after a Liger run on CUDA.)"""
+    sources = [
+        ROOT / "train.py",
+        *sorted((ROOT / "mmrope").rglob("*.py")),
+        *sorted((ROOT / "data").rglob("*.py")),
+    ]
+    imports = re.compile(r"(import|from)\s+liger_kernel|[\"']liger_kernel")  # statements, or a name to import
+    users = [p.relative_to(ROOT).as_posix() for p in sources if imports.search(p.read_text())]
+    assert users == ["mmrope/model/loss.py"]
+    for path in sources:
+        assert not re.search(r"apply_liger_kernel\w*\s*\(|AutoLigerKernel", path.read_text()), path
+
+
+def test_liger_backend_with_no_supervised_token_is_exact_zero_without_liger():
+    """A rank (or SP slice) whose rows supervise nothing: no kernel call (Liger's chunking divides by the row
+    count), a loss of exactly 0 and zero gradients for every rank's all-reduce, on any device."""
+    hidden_ND, weight_VD, bias_V, labels_N = make_inputs(12, 8, 10, num_supervised=0, bias=True)
+    out = linear_cross_entropy(
+        hidden_ND, weight_VD, labels_N, num_global_tokens=5, lm_head_bias_V=bias_V, backend="liger"
+    )
+    assert out.item() == 0.0
+    for grad in grads_of(out, [hidden_ND, weight_VD, bias_V]):
+        assert not grad.any()
 
 
 # ----------------------------------------------------------------------------------------------- memory
