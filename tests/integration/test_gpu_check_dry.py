@@ -26,9 +26,9 @@ def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["dry"] is True
     ran = {name for name, s in results["steps"].items() if s["status"] == "ok"}
-    assert ran == {"versions", "tests", "bench", "train_mrope", "train_dipe", "attention", "flex"}, results[
-        "steps"
-    ]
+    assert ran == {"versions", "tests", "bench", "train_mrope", "train_dipe", "attention", "compiled"}, (
+        results["steps"]
+    )
     # every figure the RESULTS block reports was produced
     bench = results["bench"]
     assert bench["loss_abs_diff"] < 1e-4  # both paths of the step benchmark optimise the same loss
