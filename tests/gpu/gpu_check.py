@@ -374,6 +374,9 @@ def results_block(results: dict, command: str) -> str:
                     f"{v['peak_mem_gib']:.1f} |"
                 )
         for name, prof in (bench.get("profile") or {}).items():
+            if "error" in prof:
+                lines.append(f"\nProfile of one `{name}` step: {prof['error']}")
+                continue
             busy = prof.get("busy_fraction")
             lines += [
                 "",

@@ -20,7 +20,14 @@ def test_bench_paths_agree_on_the_loss():
     spec = importlib.util.spec_from_file_location("gpu_bench_step", ROOT / "tests/perf/gpu_bench_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    r = bench.main(["--preset", "tiny", "--device", "cpu", "--tokens", "1536", "--steps", "1"])
+    args = ["--preset", "tiny", "--device", "cpu", "--tokens", "1536", "--steps", "1"]
+    # a variant that cannot run (the tiny preset has 2 layers) is recorded, and the one after it still runs
+    r = bench.main([*args, "--variants", "all", "first_n=99", "every_k=2"])
+    assert "activation_checkpointing_layers" in r["variants"]["first_n=99"]["error"], r["variants"]
+    assert r["variants"]["every_k=2"]["first_loss"] == pytest.approx(
+        r["variants"]["all"]["first_loss"], abs=1e-5
+    )
+    assert r["best"]["variant"] in ("all", "every_k=2") and r["mmrope"]["variant"] == "all"
     assert (
         r["samples"] >= 2 and r["baseline_padded_tokens"] > r["real_tokens"]
     )  # the baseline pays for padding

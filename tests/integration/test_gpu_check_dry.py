@@ -36,6 +36,7 @@ def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
     # mmrope's variants: the compiled one with fewer recomputed layers trains the same loss (same weights, lr=0)
     variants = bench["variants"]
     assert list(variants) == ["all", "first_n=1+compile"], variants
+    assert all("error" not in v for v in variants.values()), variants
     assert abs(variants["first_n=1+compile"]["first_loss"] - variants["all"]["first_loss"]) < 1e-4
     assert bench["best"]["variant"] in variants and bench["best"]["llm_mfu"] > 0
     for prof in bench["profile"].values():  # kernel-time breakdown of the first and last variant

@@ -361,6 +361,11 @@ def profile_step(step_fn, device: torch.device, wall_s: float) -> dict:
     }
 
 
+def _error(e: BaseException) -> str:
+    kind = "OOM" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+    return f"{kind}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
 def save(results: dict, path: Path | None) -> None:
     """Write what has been measured so far (the GPU check caps this script's time; partial figures still count)."""
     if path:
@@ -552,13 +557,16 @@ def main(argv: list[str] | None = None) -> dict:
     results["flops_split"] = {k: v / flops for k, v in flops_parts.items() if k != "total"}
     results["variants"], results["profile"] = {}, {}
     for i, spec in enumerate(args.variants):
-        apply_variant(model, spec)
         try:
+            apply_variant(model, spec)
             loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
-        except torch.OutOfMemoryError as e:
-            results["variants"][spec] = {"error": f"OOM: {str(e).splitlines()[0]}"}
+        except (
+            Exception
+        ) as e:  # out of memory, or a compile failure: recorded, and the next variant still runs
+            results["variants"][spec] = {"error": _error(e)}
             opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             save(results, args.out)
             continue
         fig = path_figures(loss, secs, peak, num_real, flops, args.peak_tflops)
@@ -569,7 +577,10 @@ def main(argv: list[str] | None = None) -> dict:
         if i == 0:  # the shipped default: the figures compared with the usual recipe
             results["mmrope"] = {**fig, "variant": spec}
         if args.profile and i in (0, len(args.variants) - 1):
-            results["profile"][spec] = profile_step(mmrope_step, device, secs)
+            try:
+                results["profile"][spec] = profile_step(mmrope_step, device, secs)
+            except Exception as e:  # the profiler (CUPTI) must not cost the figures that follow
+                results["profile"][spec] = {"error": _error(e)}
         save(results, args.out)
     measured = {k: v for k, v in results["variants"].items() if "llm_mfu" in v}
     if measured:
