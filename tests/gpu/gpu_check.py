@@ -12,7 +12,7 @@ failing or timed-out step is recorded and the next one still runs:
 | setup | install `.whl/*.whl` into a private site dir with `pip --no-index` (the box reaches no registry) |
 | tests | the GPU-marked tests that compile nothing: every backend vs the eager reference, fwd + bwd, DIPE too |
 | train_mrope | the real trainer on CUDA: 20 steps, DeepSpeed ZeRO-2, bf16, packed rows, `attn_backend=auto` |
-| bench | `make bench-gpu`: one optimizer step at 32K, Qwen2.5-VL-7B shape, mmrope vs the usual recipe; LLM MFU of mmrope's variants (every layer recomputed, + `model.compile`, + only 20 of 28 layers recomputed) with a kernel-time profile; DIPE vs MRoPE at 8K/32K |
+| bench | `make bench-gpu`: one optimizer step at 32K, Qwen2.5-VL-7B shape, mmrope vs the usual recipe; LLM MFU of mmrope's variants (every layer recomputed, + `model.compile`, + only 20 of 28 layers recomputed, + Liger's loss) with a kernel-time profile; DIPE vs MRoPE at 8K/32K |
 | train_dipe | the same trainer run with `rope.dipe=true` |
 | attention | DIPE attention alone: time and memory 8K -> 32K (tests/perf/bench_attention.py) |
 | compiled | the GPU tests that compile kernels first (FlexAttention, `model.compile`, Liger's loss): last |

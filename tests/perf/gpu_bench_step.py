@@ -24,8 +24,9 @@ that N-layer model, which is said in the output (`num_layers`).
 Variants of mmrope's path (`--variants`, LLM MFU per variant; `best` is the highest): `all` recomputes every
 decoder layer (the shipped default), `first_n=N` only the first N (the others keep their activations: less
 recompute, more memory), `every_k=K` every K-th; `+compile` adds `model.compile` (mmrope/model/compile.py: fused
-RMSNorms and SwiGLU products). They run in the given order on one model (compiled variants last: compiling is not
-undone); an out-of-memory variant is recorded and the next one still runs. `--profile` adds a kernel-time breakdown
+RMSNorms and SwiGLU products), `+liger` uses `loss.backend=liger` (Liger's fused linear cross-entropy). They run
+in the given order on one model (compiled variants last: compiling is not undone); a variant that fails (out of
+memory, a compile error) is recorded and the next one still runs. `--profile` adds a kernel-time breakdown
 (matmul / attention / elementwise / compiled / optimizer / copies ...) of one step of the first and the last variant.
 
 DIPE vs MRoPE (`--dipe-lengths`, default 8K/16K/32K on CUDA): the same installed model trains one packed row of
@@ -280,25 +281,32 @@ def time_vit_forward(model, row: dict, steps: int, device: torch.device) -> floa
     return timed_steps(vit, steps, device)[1]
 
 
-def parse_variant(spec: str) -> tuple[str, int, bool]:
-    """`all` | `none` | `first_n=N` | `every_k=K`, optionally `+compile` -> (recompute mode, N or K, compile)."""
+MODIFIERS = ("compile", "liger")
+
+
+def parse_variant(spec: str) -> tuple[str, int, set[str]]:
+    """`all` | `none` | `first_n=N` | `every_k=K`, then `+compile` and/or `+liger` -> (recompute mode, N or K,
+    modifiers)."""
     parts = spec.split("+")
-    compiled = "compile" in parts[1:]
-    if any(p != "compile" for p in parts[1:]):
-        raise ValueError(f"--variants: unknown modifier in {spec!r} (only +compile)")
+    modifiers = set(parts[1:])
+    if not modifiers <= set(MODIFIERS):
+        raise ValueError(f"--variants: unknown modifier in {spec!r} (+compile, +liger)")
     mode, _, num = parts[0].partition("=")
     if mode not in ("all", "none", "first_n", "every_k") or (mode in ("first_n", "every_k")) != bool(num):
-        raise ValueError(f"--variants: {spec!r} is not all | none | first_n=N | every_k=K [+compile]")
-    return mode, int(num or 0), compiled
+        raise ValueError(
+            f"--variants: {spec!r} is not all | none | first_n=N | every_k=K [+compile] [+liger]"
+        )
+    return mode, int(num or 0), modifiers
 
 
-def apply_variant(model, spec: str) -> None:
-    mode, num, compiled = parse_variant(spec)
+def apply_variant(model, objective: SFTObjective, spec: str) -> None:
+    mode, num, modifiers = parse_variant(spec)
     apply_activation_checkpointing(
         model, mode, every=num if mode == "every_k" else 1, layers=num if mode == "first_n" else 0
     )
-    if compiled:
+    if "compile" in modifiers:
         compile_decoder(model)
+    objective.loss_backend = "liger" if "liger" in modifiers else "chunked"  # loss.backend
 
 
 KERNEL_CATEGORIES = (  # first match wins; CUDA kernel names on GPU, aten op names on CPU
@@ -434,8 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--variants",
         nargs="*",
         default=None,
-        help="mmrope path variants, in order: all | none | first_n=N | every_k=K, +compile "
-        "(default on CUDA: all all+compile first_n=20+compile; on CPU: all)",
+        help="mmrope path variants, in order: all | none | first_n=N | every_k=K, +compile, +liger "
+        "(default on CUDA: all all+compile first_n=20+compile first_n=20+compile+liger; on CPU: all)",
     )
     ap.add_argument(
         "--profile", action="store_true", help="kernel-time breakdown of the first and last variant"
@@ -447,10 +455,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dipe_lengths is None:
         args.dipe_lengths = [8192, 16384, 32768] if device.type == "cuda" else []
     if args.variants is None:
-        args.variants = ["all", "all+compile", "first_n=20+compile"] if device.type == "cuda" else ["all"]
+        args.variants = (
+            ["all", "all+compile", "first_n=20+compile", "first_n=20+compile+liger"]
+            if device.type == "cuda"
+            else ["all"]
+        )
     compiled_seen = False
     for spec in args.variants:  # validate all before the (long) runs; compiling cannot be undone on the model
-        compiled = parse_variant(spec)[2]
+        compiled = "compile" in parse_variant(spec)[2]
         if compiled_seen and not compiled:
             raise ValueError(
                 f"--variants: {spec!r} comes after a +compile variant; put compiled variants last"
@@ -558,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["variants"], results["profile"] = {}, {}
     for i, spec in enumerate(args.variants):
         try:
-            apply_variant(model, spec)
+            apply_variant(model, objective, spec)
             loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
         except (
             Exception
