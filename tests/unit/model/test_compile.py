@@ -13,12 +13,10 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from mmrope.encodings import anchored_positions, build
-from mmrope.model.build import build_model
 from mmrope.model.compile import FusedSwiGLU, compile_decoder, compiled_modules
-from mmrope.model.config import ModelConfig, TinyModelConfig
 from mmrope.model.install import install, seam_kwargs
 from mmrope.model.recompute import apply_activation_checkpointing
-from tests.unit.model.tiny import TOKENS, image_sample, pixels, tiny_qwen2_5_vl
+from tests.unit.model.tiny import TOKENS, image_sample, pixels, tiny_family, tiny_qwen2_5_vl
 
 
 def _packed_row(lengths_seed: int):
@@ -79,19 +77,7 @@ def test_compiled_decoder_matches_eager_with_stock_keys_and_one_graph_per_kind()
 
 
 def test_moe_blocks_stay_eager_and_norms_compile():
-    special = {
-        "image_token_id": 5,
-        "video_token_id": 6,
-        "vision_start_token_id": 3,
-        "vision_end_token_id": 4,
-        "pad_token_id": 0,
-        "eos_token_id": 2,
-    }
-    model = build_model(
-        ModelConfig(family="qwen3_vl_moe", tiny=TinyModelConfig(num_hidden_layers=2)),
-        vocab_size=64,
-        special_ids=special,
-    )
+    model = tiny_family("qwen3_vl_moe")
     names = compile_decoder(model)
     assert names == [
         "layers.0.input_layernorm",
