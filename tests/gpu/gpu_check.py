@@ -12,7 +12,7 @@ failing or timed-out step is recorded and the next one still runs:
 | setup | install `.whl/*.whl` into a private site dir with `pip --no-index` (the box reaches no registry) |
 | tests | the GPU-marked tests that compile nothing: every backend vs the eager reference, fwd + bwd, DIPE too |
 | train_mrope | the real trainer on CUDA: 20 steps, DeepSpeed ZeRO-2, bf16, packed rows, `attn_backend=auto` |
-| bench | `make bench-gpu`: one optimizer step at 32K, Qwen2.5-VL-7B shape, mmrope vs the usual recipe; LLM MFU of mmrope's variants (every layer recomputed, + `model.compile`, + only 20 of 28 layers recomputed, + Liger's loss) with a kernel-time profile; DIPE vs MRoPE at 8K/32K |
+| bench | `make bench-gpu`: one optimizer step at 32K, Qwen2.5-VL-7B shape, mmrope vs the usual recipe; LLM MFU of mmrope's variants (every layer recomputed, + `model.compile`, + only 20 of 28 layers recomputed, + Liger's loss) with a kernel-time profile; DIPE vs MRoPE at 32K |
 | train_dipe | the same trainer run with `rope.dipe=true` |
 | attention | DIPE attention alone: time and memory 8K -> 32K (tests/perf/bench_attention.py) |
 | compiled | the GPU tests that compile kernels first (FlexAttention, `model.compile`, Liger's loss): last |
@@ -194,7 +194,8 @@ def step_bench(c: Check) -> None:
             "--profile",
         ]
     else:
-        args = ["--steps", "2", "--baseline-steps", "1", "--dipe-lengths", "8192", "32768", "--profile"]
+        # DIPE at 32K only (its goals are there; 8K and 16K were measured in the first GPU session)
+        args = ["--steps", "2", "--baseline-steps", "1", "--dipe-lengths", "32768", "--profile"]
         args += c.bench_args
     out.unlink(missing_ok=True)
     c.run("bench", [sys.executable, "tests/perf/gpu_bench_step.py", *args, "--out", str(out)], 300)
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--out", type=Path, default=None, help="results folder (default: $OUT, else runs/gpu-check)"
     )
-    ap.add_argument("--budget-s", type=float, default=460.0, help="overall time budget of all steps")
+    ap.add_argument("--budget-s", type=float, default=470.0, help="overall time budget of all steps")
     ap.add_argument("--skip", nargs="*", default=[], help="steps to leave out (e.g. compiled)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="reuse this data cache for the train steps")
     ap.add_argument(
