@@ -61,7 +61,6 @@ class FusedSwiGLU(nn.Module):
     def __init__(self, stock: nn.Module) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = stock.gate_proj, stock.up_proj, stock.down_proj
-        self.act_fn = stock.act_fn  # unused in forward (fused); kept so the module reads like the stock one
 
     def forward(self, x_BLd: Tensor) -> Tensor:
         return self.down_proj(_silu_mul(self.gate_proj(x_BLd), self.up_proj(x_BLd)))

@@ -93,9 +93,8 @@ class ModelConfig:
         "none"  # none | all | every_k | first_n (LLM decoder layers; the frozen ViT stores nothing)
     )
     activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
-    activation_checkpointing_layers: int = (
-        0  # with first_n: checkpoint layers 0..n-1, keep the rest's activations
-    )
+    # with first_n: checkpoint layers 0..n-1, keep the rest's activations
+    activation_checkpointing_layers: int = 0
     compile: bool = False  # torch.compile the LLM's RMSNorms and dense MLPs (mmrope/model/compile.py)
 
     def __post_init__(self) -> None:

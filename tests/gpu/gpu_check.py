@@ -361,7 +361,7 @@ def results_block(results: dict, command: str) -> str:
         if variants:
             lines += [
                 "",
-                "mmrope's variants (recompute mode, `+compile` = model.compile):",
+                "mmrope's variants (recompute mode; `+compile` = model.compile, `+liger` = loss.backend=liger):",
                 "",
                 "| variant | step s | tokens/s | LLM MFU | peak GiB |",
                 "| --- | --- | --- | --- | --- |",
