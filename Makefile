@@ -32,7 +32,7 @@ train: $(STAMP) ## run the embedded default: tiny Qwen2.5-VL, synthetic shards, 
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP) ## run the test suite (unit + 2-rank integration on CPU)
-	$(PY) -m pytest -q --timeout 600 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --timeout 600 --durations=15 --durations-min=5 tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -q --timeout 300 tests/unit $(PYTEST_ARGS)
