@@ -8,7 +8,8 @@
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 `from_pretrained` loads the folder with the transformers class of its family (`model_family` in
-`mmrope_encoding.json`), installs the encoding it was trained with (and DIPE) through the seam, and returns the
+`mmrope_encoding.json`; the config.json fields by which a non-stock export refuses stock transformers restored,
+see `mmrope.model.stock`), installs the encoding it was trained with (and DIPE) through the seam, and returns the
 processor: the folder's tokenizer and (PIL) image processor, which is all a Qwen-VL processor does for images.
 Transformers' `AutoProcessor` would also build the video processor, which needs torchvision.
 
@@ -37,6 +38,7 @@ from mmrope.model.build import FAMILY_CLASSES
 from mmrope.model.families import FAMILIES
 from mmrope.model.generate import greedy_generate
 from mmrope.model.install import install
+from mmrope.model.stock import load_config
 
 ENCODING_FILE = "mmrope_encoding.json"
 IMAGE_TOKEN_TYPE = 1  # transformers' mm_token_type_ids: 0 text, 1 image, 2 video
@@ -132,7 +134,11 @@ def from_pretrained(
     meta = read_encoding_file(path)
     family = meta.get("model_family", "qwen2_5_vl")
     model = FAMILY_CLASSES[family].from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        path,
+        config=load_config(path, meta),  # a non-stock export's refusing config.json fields restored
+        dtype=dtype,
+        attn_implementation="sdpa",
+        local_files_only=True,
     )
     model.to(device).eval()
     encoding = build(meta["name"], **meta.get("hparams", {}))

@@ -429,6 +429,10 @@ def _text_config(m: ModelConfig):
     path = m.path if m.kind == "pretrained" else m.llm_path
     if not path or not Path(path).is_dir():
         return None
+    if m.kind == "pretrained":  # an mmrope export (non-stock ones refuse AutoConfig) or any HF checkpoint
+        from mmrope.model.stock import checkpoint_config
+
+        return checkpoint_config(path).get_text_config()
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
