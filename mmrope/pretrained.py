@@ -160,11 +160,14 @@ def generate(
     model: nn.Module, processor: Processor, inputs: dict[str, Tensor], *, max_new_tokens: int = 32
 ) -> Tensor:
     """Greedy generation with the KV cache, positions from the installed encoding (DIPE included); stops like
-    transformers' `generate` at `<|im_end|>` (finished rows are padded). Returns prompt + new tokens `[B, N]`."""
+    transformers' `generate` at `<|im_end|>` (finished rows are padded). Returns prompt + new tokens `[B, N]`.
+    Video inputs (`pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`, as transformers names them) are
+    used when present; their temporal positions use the model's `vision_config.tokens_per_second`."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     pixel_values = inputs.get("pixel_values")
     grid = inputs.get("image_grid_thw")
+    video_pixels, video_grid = inputs.get("pixel_values_videos"), inputs.get("video_grid_thw")
     ids = processor.special_ids
     return greedy_generate(
         model,
@@ -172,6 +175,9 @@ def generate(
         inputs["input_ids"].to(device),
         pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
         image_grid_thw=grid.to(device) if grid is not None else None,
+        pixel_values_videos=video_pixels.to(device, dtype) if video_pixels is not None else None,
+        video_grid_thw=video_grid.to(device) if video_grid is not None else None,
+        second_per_grid_ts=inputs.get("second_per_grid_ts"),
         attention_mask_BL=inputs.get("attention_mask"),
         max_new_tokens=max_new_tokens,
         tokens=processor.tokens,
