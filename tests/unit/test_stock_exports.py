@@ -144,3 +144,19 @@ def test_a_non_stock_export_is_a_base_model_for_a_new_run(exports):
     assert built.config.model_type == "qwen2_5_vl"
     state = built.state_dict()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_every_family_refuses_a_non_stock_export(family, tiny_processor, tmp_path):
+    model = _tiny(family, tiny_processor)
+    write_export(
+        model, tiny_processor, tmp_path, name="vanilla", hparams={}, dipe=False, layout="qwen3", family=family
+    )
+    for load in (
+        lambda: AutoConfig.from_pretrained(tmp_path, local_files_only=True),
+        lambda: FAMILIES[family].model_class.from_pretrained(tmp_path, local_files_only=True),
+    ):
+        with pytest.raises((ValueError, KeyError), match=r"mmrope\.from_pretrained\(path\).*--model mmrope"):
+            load()
+    loaded, _ = mmrope.from_pretrained(tmp_path)
+    assert loaded.config.model_type == family
