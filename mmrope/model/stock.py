@@ -9,14 +9,15 @@ Its config.json gets the refusal message (`refusal_message`) in two fields, both
 
 - `model_type` (top level). `AutoConfig` looks it up in `CONFIG_MAPPING` and raises ValueError("The checkpoint you
   are trying to load has model type `<message>` but Transformers does not recognize this architecture ..."), and so
-  does every Auto class (`AutoModelForImageTextToText`, `AutoProcessor`) and anything resolving configs through
-  AutoConfig (vLLM, lmms-eval's auto-loading classes). The family's own class does not look: `from_pretrained` of
-  `Qwen2_5_VLForConditionalGeneration` only warns on another model_type.
+  does every Auto class (`AutoModelForImageTextToText`) and anything that resolves a checkpoint's config through
+  AutoConfig (vLLM does, for model types it does not define itself; not run here). The family's own class does not
+  look: `Qwen2_5_VLForConditionalGeneration.from_pretrained` only warns on another model_type.
 - `text_config.rope_parameters.rope_type`. Every family's text rotary embedding looks a rope_type other than
   "default" up in `ROPE_INIT_FUNCTIONS` when the model is built and raises KeyError(`<message>`), whichever class
-  builds it (the family's own class included, and lmms-eval's `qwen2_5_vl`). It is also the field that says which
-  rotary the model uses, and vLLM's `get_rope` refuses an unknown type naming it. Alone it is not enough: config
-  validation only warns about an unknown rope_type ("Missing validation function ..."), so AutoConfig would load.
+  builds it (the family's own class included, which lmms-eval's stock `qwen2_5_vl` model uses). It is also the field
+  that names the model's rotary, so inference engines that build their own rotary from it meet an unknown type.
+  Alone it is not enough: config validation only warns about an unknown rope_type ("Missing validation function
+  ..."), so AutoConfig would load.
 
 Considered and not taken (transformers 5.23): a string in a typed field (`@strict` refuses
 `max_position_embeddings="<message>"` at config load, naming the value, but the field has nothing to do with the
@@ -39,9 +40,8 @@ from mmrope.model.families import FAMILIES
 
 STOCK_FIELDS_KEY = "stock_fields"  # in mmrope_encoding.json: {dotted config.json key: original value}
 MARKED_KEYS = ("model_type", "text_config.rope_parameters.rope_type")
-LMMS_EVAL_MODEL = (
-    "mmrope"  # the lmms-eval plugin: `lmms-eval --model mmrope --model_args pretrained=<export>`
-)
+# the lmms-eval plugin: `lmms-eval --model mmrope --model_args pretrained=<export>`
+LMMS_EVAL_MODEL = "mmrope"
 
 
 def refusal_message(name: str, hparams: dict, dipe: bool, family: str) -> str:
