@@ -32,6 +32,13 @@ EXPORTS = {  # name: (family, rope, hparams, dipe, stock)
         False,
     ),  # a hyperparameter
     "qwen3_mrope_i": ("qwen3_vl", "mrope_i", {}, False, True),
+    "qwen3_mrope_i_section": (
+        "qwen3_vl",
+        "mrope_i",
+        {"mrope_section": [32, 16, 16]},
+        False,
+        True,
+    ),  # in config
     "qwen3_ilrope_temporal": ("qwen3_vl", "ilrope", {"text_axes": "temporal"}, False, False),
 }
 NOT_STOCK = [k for k, v in EXPORTS.items() if not v[4]]
@@ -39,13 +46,21 @@ STOCK = [k for k, v in EXPORTS.items() if v[4]]
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
 
 
+@torch.no_grad()
 def _tiny(family, tiny_processor, seed=0):
-    return build_model(
+    """An untrained tiny model with sharp attention (q/k scaled), so that other positions move the logits."""
+    model = build_model(
         ModelConfig(kind="tiny", family=family, tiny=TINY),
         vocab_size=len(tiny_processor.tokenizer),
         special_ids=tiny_processor.special_ids,
         seed=seed,
     ).eval()
+    for layer in model.model.language_model.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None:
+            attn.q_proj.weight.mul_(20)
+            attn.k_proj.weight.mul_(20)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +150,10 @@ def test_a_stock_export_stays_stock_with_mmrope_logits(exports, key, tmp_path):
         **seam_kwargs(cu_seqlens=torch.tensor([0, length])),
     ).logits
     torch.testing.assert_close(logits, theirs, rtol=0, atol=1e-5)
+    # The check can fail: other positions (1-D ones, given to the stock model) move the logits.
+    flat_3BL = torch.arange(length).expand(3, 1, length)
+    flat = stock(**inputs, position_ids=flat_3BL, use_cache=False).logits
+    assert (flat - theirs).abs().max() > 1e-3
 
 
 def test_a_non_stock_export_is_a_base_model_for_a_new_run(exports):
