@@ -133,9 +133,10 @@ def from_pretrained(
     in eval mode on `device`; the processor needs no torchvision."""
     meta = read_encoding_file(path)
     family = meta.get("model_family", "qwen2_5_vl")
+    config = load_config(path, meta)  # a non-stock export's refusing config.json fields restored
     model = FAMILY_CLASSES[family].from_pretrained(
         path,
-        config=load_config(path, meta),  # a non-stock export's refusing config.json fields restored
+        config=config,
         dtype=dtype,
         attn_implementation="sdpa",
         local_files_only=True,
@@ -144,7 +145,7 @@ def from_pretrained(
     encoding = build(meta["name"], **meta.get("hparams", {}))
     dipe = bool(meta.get("dipe", False))
     install(model, encoding, attn_backend=attn_backend, dipe=dipe)
-    parts = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    parts = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, config=config)
     processor = Processor(
         tokenizer=parts.tokenizer,
         image_processor=parts.image_processor,

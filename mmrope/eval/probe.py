@@ -477,7 +477,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, dict[int | str, f
             from data.processor import load_processor
 
             pm.processor = load_processor(
-                _export_if_needed(Path(path)), min_pixels=args.min_pixels, max_pixels=args.max_pixels
+                _export_if_needed(Path(path)),
+                min_pixels=args.min_pixels,
+                max_pixels=args.max_pixels,
+                config=pm.vlm.config,
             )
         sample_processor = SampleProcessor(
             pm.processor,
