@@ -146,7 +146,10 @@ class SampleProcessor:
     """Turns shard records (`{"__key__", "json", "img0.png", ...}`) into `Sample`s.
 
     `video` sets how video *files* are sampled (and frame pixel budgets); `pixels="uint8"` keeps the resized
-    pixels as uint8 for compact transport (data/pixels.py expands them on the device)."""
+    pixels as uint8 for compact transport (data/pixels.py expands them on the device). `tokens_per_second`: the
+    model's `vision_config.tokens_per_second` (`mmrope.model.families.tokens_per_second`), the temporal position
+    step per second of a "qwen2_5"-layout video; the trainer and the evaluators pass the model's value (data knows
+    no model: the default is the released Qwen2.5-VL checkpoints' 2)."""
 
     def __init__(
         self,
@@ -160,6 +163,7 @@ class SampleProcessor:
         video: VideoSampling | None = None,
         pixels: str = "float32",
         seed: int = 0,
+        tokens_per_second: float = 2.0,
     ):
         if pixels not in PIXEL_FORMATS:
             raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {pixels!r}")
@@ -172,6 +176,7 @@ class SampleProcessor:
         self.video = video
         self.pixels = pixels
         self.seed = seed
+        self.tokens_per_second = float(tokens_per_second)
         self.tokens = token_ids_for(processor)
         self.merge_area = processor.merge_size**2
         ip = processor.image_processor
@@ -500,6 +505,7 @@ class SampleProcessor:
             video_grid_thw=plan.video_grid if len(plan.video_grid) else None,
             second_per_grid_ts=plan.seconds if len(plan.seconds) else None,
             layout=self.layout,
+            tokens_per_second=self.tokens_per_second,
             generator=generator,
         )
         static = None

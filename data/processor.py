@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -83,9 +84,15 @@ class VLProcessor:
 
 
 def load_processor(
-    path: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None
+    path: str | os.PathLike,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    config: Any = None,
 ) -> VLProcessor:
-    """Load tokenizer and image processor from a local directory (never the hub)."""
+    """Load tokenizer and image processor from a local directory (never the hub). `config`: the model's
+    transformers config, when the folder's config.json is not for AutoConfig (a non-stock mmrope export's refuses
+    it; AutoTokenizer would read it to pick the tokenizer class, and warn)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"processor path {str(path)!r} is not a local directory")
@@ -102,7 +109,7 @@ def load_processor(
         # replaces the file's pre-tokenizer with its own and so changes the ids.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, config=config)
     kwargs = {}
     if min_pixels is not None and max_pixels is not None:
         kwargs["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}

@@ -8,7 +8,8 @@
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 `from_pretrained` loads the folder with the transformers class of its family (`model_family` in
-`mmrope_encoding.json`), installs the encoding it was trained with (and DIPE) through the seam, and returns the
+`mmrope_encoding.json`; the config.json fields by which a non-stock export refuses stock transformers restored,
+see `mmrope.model.stock`), installs the encoding it was trained with (and DIPE) through the seam, and returns the
 processor: the folder's tokenizer and (PIL) image processor, which is all a Qwen-VL processor does for images.
 Transformers' `AutoProcessor` would also build the video processor, which needs torchvision.
 
@@ -37,6 +38,7 @@ from mmrope.model.build import FAMILY_CLASSES
 from mmrope.model.families import FAMILIES
 from mmrope.model.generate import greedy_generate
 from mmrope.model.install import install
+from mmrope.model.stock import load_config
 
 ENCODING_FILE = "mmrope_encoding.json"
 IMAGE_TOKEN_TYPE = 1  # transformers' mm_token_type_ids: 0 text, 1 image, 2 video
@@ -131,14 +133,19 @@ def from_pretrained(
     in eval mode on `device`; the processor needs no torchvision."""
     meta = read_encoding_file(path)
     family = meta.get("model_family", "qwen2_5_vl")
+    config = load_config(path, meta)  # a non-stock export's refusing config.json fields restored
     model = FAMILY_CLASSES[family].from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        path,
+        config=config,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        local_files_only=True,
     )
     model.to(device).eval()
     encoding = build(meta["name"], **meta.get("hparams", {}))
     dipe = bool(meta.get("dipe", False))
     install(model, encoding, attn_backend=attn_backend, dipe=dipe)
-    parts = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    parts = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, config=config)
     processor = Processor(
         tokenizer=parts.tokenizer,
         image_processor=parts.image_processor,
@@ -154,11 +161,14 @@ def generate(
     model: nn.Module, processor: Processor, inputs: dict[str, Tensor], *, max_new_tokens: int = 32
 ) -> Tensor:
     """Greedy generation with the KV cache, positions from the installed encoding (DIPE included); stops like
-    transformers' `generate` at `<|im_end|>` (finished rows are padded). Returns prompt + new tokens `[B, N]`."""
+    transformers' `generate` at `<|im_end|>` (finished rows are padded). Returns prompt + new tokens `[B, N]`.
+    Video inputs (`pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`, as transformers names them) are
+    used when present; their temporal positions use the model's `vision_config.tokens_per_second`."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     pixel_values = inputs.get("pixel_values")
     grid = inputs.get("image_grid_thw")
+    video_pixels, video_grid = inputs.get("pixel_values_videos"), inputs.get("video_grid_thw")
     ids = processor.special_ids
     return greedy_generate(
         model,
@@ -166,6 +176,9 @@ def generate(
         inputs["input_ids"].to(device),
         pixel_values=pixel_values.to(device, dtype) if pixel_values is not None else None,
         image_grid_thw=grid.to(device) if grid is not None else None,
+        pixel_values_videos=video_pixels.to(device, dtype) if video_pixels is not None else None,
+        video_grid_thw=video_grid.to(device) if video_grid is not None else None,
+        second_per_grid_ts=inputs.get("second_per_grid_ts"),
         attention_mask_BL=inputs.get("attention_mask"),
         max_new_tokens=max_new_tokens,
         tokens=processor.tokens,

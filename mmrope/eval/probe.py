@@ -45,6 +45,7 @@ from data.processing import IGNORE_INDEX, Sample, SampleError, SampleProcessor
 from mmrope.attention import normalize_doc_ids
 from mmrope.encodings import Encoding, TokenIds
 from mmrope.eval.distractors import distractor_ids, insert_distractor, insertion_index, load_corpus
+from mmrope.model.families import tokens_per_second
 
 __all__ = [
     "ProbeRecorder",
@@ -476,10 +477,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, dict[int | str, f
             from data.processor import load_processor
 
             pm.processor = load_processor(
-                _export_if_needed(Path(path)), min_pixels=args.min_pixels, max_pixels=args.max_pixels
+                _export_if_needed(Path(path)),
+                min_pixels=args.min_pixels,
+                max_pixels=args.max_pixels,
+                config=pm.vlm.config,
             )
         sample_processor = SampleProcessor(
-            pm.processor, pm.encoding, max_tokens=args.max_tokens, layout=pm.layout, dipe=pm.dipe
+            pm.processor,
+            pm.encoding,
+            max_tokens=args.max_tokens,
+            layout=pm.layout,
+            dipe=pm.dipe,
+            tokens_per_second=tokens_per_second(pm.vlm.config),
         )
         skipped: Counter = Counter()
         samples = load_probe_samples(

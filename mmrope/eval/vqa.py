@@ -45,6 +45,7 @@ from data.processor import VLProcessor
 from mmrope.encodings import Encoding, TokenIds
 from mmrope.eval.distractors import distractor_ids, insert_distractor, insertion_index, load_corpus
 from mmrope.eval.scoring import option_letters, score
+from mmrope.model.families import tokens_per_second
 
 DEFAULT_DISTANCES = (0, 1024, 2048, 4096, 8192, 16384, 32768)
 OPTIONS_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -313,7 +314,13 @@ def evaluate(
     from tqdm import tqdm
 
     # Positions (and DIPE's static ones) are recomputed from the tokens by greedy_generate; no need here.
-    sample_processor = SampleProcessor(ckpt.processor, ckpt.encoding, max_tokens=1 << 62, layout=ckpt.layout)
+    sample_processor = SampleProcessor(
+        ckpt.processor,
+        ckpt.encoding,
+        max_tokens=1 << 62,
+        layout=ckpt.layout,
+        tokens_per_second=tokens_per_second(ckpt.model.config),
+    )
     usable, skipped = usable_items(items, sample_processor, checkpoint=ckpt.path)
     if not usable:
         reasons = Counter(s["reason"] for s in skipped)

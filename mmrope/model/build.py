@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from mmrope.model.config import ModelConfig, TinyModelConfig
 from mmrope.model.families import FAMILIES, family_of
 from mmrope.model.families import tiny_config as family_tiny_config
+from mmrope.model.stock import checkpoint_config
 
 __all__ = ["FAMILY_CLASSES", "build_model", "compose_vlm", "tiny_config"]
 
@@ -62,13 +63,14 @@ def build_model(
         model = FAMILIES[cfg.family].model_class(config).to(dtype)
     elif cfg.kind == "pretrained":
         path = _local_dir(cfg.path, "model.path")
-        found = family_of(AutoConfig.from_pretrained(path, local_files_only=True)).name
+        config = checkpoint_config(path)
+        found = family_of(config).name
         if found != cfg.family:
             raise ValueError(
                 f"config key `model.family`: {cfg.family!r}, but the checkpoint at {path} is {found!r}"
             )
         model = FAMILY_CLASSES[cfg.family].from_pretrained(
-            path, dtype=dtype, attn_implementation=attn, local_files_only=True
+            path, config=config, dtype=dtype, attn_implementation=attn, local_files_only=True
         )
     else:
         model = compose_vlm(
@@ -97,7 +99,7 @@ def compose_vlm(
     smaller than the VLM tokenizer's (vision special tokens), embeddings are resized to the VLM's vocab size.
     """
     vlm_cls = FAMILY_CLASSES[family]
-    vlm_config = AutoConfig.from_pretrained(vision_path, local_files_only=True)
+    vlm_config = checkpoint_config(vision_path)
     llm_config = AutoConfig.from_pretrained(llm_path, local_files_only=True)
     out_hidden = getattr(vlm_config.vision_config, "out_hidden_size", None)
     if out_hidden != llm_config.hidden_size:
@@ -124,7 +126,7 @@ def compose_vlm(
     config._attn_implementation = attn
     model = vlm_cls(config).to(dtype)
 
-    vlm = vlm_cls.from_pretrained(vision_path, dtype=dtype, local_files_only=True)
+    vlm = vlm_cls.from_pretrained(vision_path, config=vlm_config, dtype=dtype, local_files_only=True)
     model.model.visual.load_state_dict(vlm.model.visual.state_dict())
     del vlm
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, local_files_only=True)

@@ -62,6 +62,21 @@ def family_of(model_or_config: Any) -> Family:
     return FAMILIES[model_type]
 
 
+# Temporal position ids per second of video in the "qwen2_5" layout (Qwen2.5-VL's released checkpoints: 2); used
+# for configs without `vision_config.tokens_per_second` (Qwen2-VL and Qwen3-VL's layouts ignore it).
+DEFAULT_TOKENS_PER_SECOND = 2.0
+
+
+def tokens_per_second(config: Any) -> float:
+    """`vision_config.tokens_per_second` of a (top-level) VLM config, what transformers' `get_rope_index` reads: a
+    "qwen2_5"-layout video's temporal patch i sits at `i * second_per_grid_t * tokens_per_second`. Transformers'
+    Qwen2_5_VLVisionConfig defaults to 4 (the tiny configs keep it), the released Qwen2.5-VL checkpoints say 2;
+    `DEFAULT_TOKENS_PER_SECOND` for a config without the field."""
+    config = getattr(config, "config", config)
+    value = getattr(getattr(config, "vision_config", None), "tokens_per_second", None)
+    return DEFAULT_TOKENS_PER_SECOND if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class TextGeometry:
     """What an encoding must fit: the attention geometry of the text model's attention layers."""

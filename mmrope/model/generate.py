@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from mmrope.encodings import Encoding, TokenIds, anchored_positions
+from mmrope.model.families import tokens_per_second
 from mmrope.model.install import is_installed, seam_kwargs, text_model
 
 
@@ -18,6 +19,9 @@ def greedy_generate(
     *,
     pixel_values: Tensor | None = None,
     image_grid_thw: Tensor | None = None,
+    pixel_values_videos: Tensor | None = None,
+    video_grid_thw: Tensor | None = None,
+    second_per_grid_ts: Tensor | None = None,
     attention_mask_BL: Tensor | None = None,
     max_new_tokens: int,
     tokens: TokenIds,
@@ -34,6 +38,8 @@ def greedy_generate(
     Prefill uses `encoding.position_ids` on the (left-padded) prompt; decode step `s` uses
     `encoding.decode_position_ids(rope_deltas, L + s)`. DIPE: a new token is a text query with that dynamic
     position and, as static position, the anchor of the last prompt token (constant during generation).
+    Videos: a "qwen2_5"-layout video's temporal step is `second_per_grid_ts[i] * tokens_per_second`, the latter read
+    from the model's vision config as transformers' own `get_rope_index` does.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -47,7 +53,14 @@ def greedy_generate(
             "attention_mask_BL: generation needs left padding (the last prompt column must be real)"
         )
     pos_3BL, rope_deltas_B1 = encoding.position_ids(
-        input_ids_BL, tokens=tokens, image_grid_thw=image_grid_thw, attention_mask_BL=mask_BL, layout=layout
+        input_ids_BL,
+        tokens=tokens,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
+        attention_mask_BL=mask_BL,
+        layout=layout,
+        tokens_per_second=tokens_per_second(model.config),
     )
     pos_3BL = pos_3BL.to(device)
     visual_BL = (input_ids_BL == tokens.image_token_id) | (input_ids_BL == tokens.video_token_id)
@@ -63,6 +76,8 @@ def greedy_generate(
         position_ids=pos_3BL,
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
         past_key_values=cache,
         use_cache=True,
         **prefill_kw,

@@ -416,19 +416,43 @@ def check_sequence_parallel(cfg: TrainConfig) -> None:
     check_heads(text_config.num_attention_heads, geometry.num_key_value_heads, sp, key)
 
 
+def _tiny_model_config(m: ModelConfig):
+    """The tiny model's transformers config (placeholder token ids: the sizes and rope/vision settings matter)."""
+    from mmrope.model.families import tiny_config
+
+    ids = dict.fromkeys(
+        ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 0
+    ) | {"pad_token_id": 0, "eos_token_id": 0}
+    return tiny_config(m.family, m.tiny, vocab_size=8, special_ids=ids)
+
+
+def model_tokens_per_second(m: ModelConfig) -> float:
+    """The model's `vision_config.tokens_per_second` (`mmrope.model.families.tokens_per_second`): the tiny config's,
+    or the checkpoint's config.json (a local read; a composed model keeps the VLM's vision config)."""
+    from mmrope.model.families import tokens_per_second
+    from mmrope.model.stock import checkpoint_config
+
+    if m.kind == "tiny":
+        return tokens_per_second(_tiny_model_config(m))
+    path = m.path if m.kind == "pretrained" else m.vision_path
+    if not path or not Path(path).is_dir():
+        key = "model.path" if m.kind == "pretrained" else "model.vision_path"
+        raise ValueError(f"config key `{key}`: {path!r} is not a local directory (nothing is downloaded)")
+    return tokens_per_second(checkpoint_config(path))
+
+
 def _text_config(m: ModelConfig):
     """The text model's config: the tiny one, or the checkpoint's config.json (a local read, no weights); None for
     a path that is not a directory (left to the model build, which names `model.path`)."""
-    from mmrope.model.families import tiny_config
-
     if m.kind == "tiny":
-        ids = dict.fromkeys(
-            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), 0
-        ) | {"pad_token_id": 0, "eos_token_id": 0}
-        return tiny_config(m.family, m.tiny, vocab_size=8, special_ids=ids).get_text_config()
+        return _tiny_model_config(m).get_text_config()
     path = m.path if m.kind == "pretrained" else m.llm_path
     if not path or not Path(path).is_dir():
         return None
+    if m.kind == "pretrained":  # an mmrope export (non-stock ones refuse AutoConfig) or any HF checkpoint
+        from mmrope.model.stock import checkpoint_config
+
+        return checkpoint_config(path).get_text_config()
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()

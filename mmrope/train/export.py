@@ -8,8 +8,10 @@ included; the tokenizer (with its chat template) and the image processor; and `m
 position encoding the model was trained with. With the family's own encoding (`mrope` for Qwen2-VL/Qwen2.5-VL,
 `mrope_i` for Qwen3-VL(-MoE)/Qwen3.5(-MoE); no DIPE, default hyperparameters but `mrope_section`) the directory is
 a stock checkpoint (`stock: true`): the family's `*ForConditionalGeneration.from_pretrained(out)` computes what the
-training model computed, given `mm_token_type_ids` (README). Every export loads with `mmrope.from_pretrained(out)`,
-which installs the encoding (and DIPE) from mmrope_encoding.json.
+training model computed, given `mm_token_type_ids` (README). Any other export would compute something else there,
+so its config.json carries fields stock transformers refuses, with a message naming `mmrope.from_pretrained` and
+lmms-eval's `--model mmrope` (`mmrope.model.stock`). Every export loads with `mmrope.from_pretrained(out)`, which
+restores those fields and installs the encoding (and DIPE) from mmrope_encoding.json.
 
 The weights come from DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`: fp32 master
 weights of the trainable parameters + the frozen ones from the model-state files). The engine wraps the VLM
@@ -73,6 +75,51 @@ def is_stock(name: str, hparams: dict, dipe: bool, family: str) -> bool:
     return all(used[k] == defaults[k] for k in used if k != "mrope_section")
 
 
+def write_export(
+    model: torch.nn.Module,
+    processor,
+    out: str | Path,
+    *,
+    name: str,
+    hparams: dict,
+    dipe: bool,
+    layout: str,
+    family: str,
+    **record,
+) -> Path:
+    """Save a built VLM (in its dtype) with its processor and `mmrope_encoding.json` (encoding + `record`) to `out`.
+
+    A stock export gets the trained `mrope_section` in config.json (stock transformers splits the rotary channels
+    by it); any other export gets config.json fields that stock transformers refuses, naming `mmrope.from_pretrained`
+    (`mmrope.model.stock`), and their original values in mmrope_encoding.json."""
+    from mmrope.encodings import build
+    from mmrope.model.stock import STOCK_FIELDS_KEY, mark_not_stock, refusal_message
+
+    out = Path(out)
+    model.eval()
+    model.config.use_cache = True
+    stock = is_stock(name, hparams, dipe, family)
+    if stock:
+        section = list(build(name, **hparams).hparams["mrope_section"])
+        model.config.get_text_config().rope_parameters["mrope_section"] = section
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save(out)
+    encoding = {
+        "name": name,
+        "hparams": hparams,
+        "dipe": dipe,
+        "layout": layout,
+        "stock": stock,
+        "model_family": family,
+        **record,
+    }
+    if not stock:
+        message = refusal_message(name, hparams, dipe, family)
+        encoding[STOCK_FIELDS_KEY] = mark_not_stock(out / "config.json", message)
+    (out / "mmrope_encoding.json").write_text(json.dumps(encoding, indent=1, default=str))
+    return out
+
+
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
     from data.processor import processor_for
     from mmrope.model.build import build_model
@@ -108,30 +155,20 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
             f"export: {len(from_base)} tensors not in the shards, kept from the base model: {from_base[:5]}..."
         )
     model.load_state_dict(trained, strict=False)
-    model.to(DTYPES[dtype]).eval()
-    model.config.use_cache = True
+    model.to(DTYPES[dtype])
     rope = cfg.rope
-    family = cfg.model.family
-    stock = is_stock(rope.name, dict(rope.hparams), rope.dipe, family)
-    if stock:  # stock transformers splits the rotary channels by the config's mrope_section: the trained one
-        from mmrope.encodings import build
-
-        section = list(build(rope.name, **rope.hparams).hparams["mrope_section"])
-        model.config.get_text_config().rope_parameters["mrope_section"] = section
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save(out)
-
-    encoding = {
-        "name": rope.name,
-        "hparams": dict(rope.hparams),
-        "dipe": rope.dipe,
-        "layout": cfg.rope_layout(),
-        "stock": stock,
-        "model_family": family,
-        "trained_steps": manifest["step"],
-        "config_hash": manifest["config_hash"],
-    }
-    (out / "mmrope_encoding.json").write_text(json.dumps(encoding, indent=1, default=str))
+    write_export(
+        model,
+        processor,
+        out,
+        name=rope.name,
+        hparams=dict(rope.hparams),
+        dipe=rope.dipe,
+        layout=cfg.rope_layout(),
+        family=cfg.model.family,
+        trained_steps=manifest["step"],
+        config_hash=manifest["config_hash"],
+    )
     print(f"exported step {manifest['step']} of {step_dir} -> {out} ({dtype})")
     return out
 

@@ -24,7 +24,7 @@ from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
-from mmrope.train.config import OptimConfig, TrainConfig, rope_hparams_error
+from mmrope.train.config import OptimConfig, TrainConfig, model_tokens_per_second, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed, init_sequence_parallel
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
@@ -135,7 +135,8 @@ def shard_urls(cfg: TrainConfig, d: Dist) -> list[str]:
 def make_sample_processor(
     cfg: TrainConfig, processor: VLProcessor, encoding, pixels: str = "uint8"
 ) -> SampleProcessor:
-    """Training rows carry uint8 pixels (expanded on the device, data/pixels.py); eval and probes use float32."""
+    """Training rows carry uint8 pixels (expanded on the device, data/pixels.py); eval and probes use float32.
+    Video positions use the model's own `vision_config.tokens_per_second`, as transformers' get_rope_index does."""
     return SampleProcessor(
         processor,
         encoding,
@@ -146,6 +147,7 @@ def make_sample_processor(
         video=cfg.data.video,
         pixels=pixels,
         seed=cfg.data.seed,
+        tokens_per_second=model_tokens_per_second(cfg.model),
     )
 
 

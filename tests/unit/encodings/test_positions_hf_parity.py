@@ -19,6 +19,7 @@ from mmrope.encodings import build
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel  # noqa: E402
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel  # noqa: E402
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel  # noqa: E402
 
 IMG, VID = 151655, 151656
@@ -40,6 +41,13 @@ def hf_qwen25(ids, mask=None, image_grid=None, video_grid=None, seconds=None, to
     config.vision_config.tokens_per_second = tokens_per_second
     return Qwen2_5_VLModel.get_rope_index(
         _stub(Qwen2_5_VLModel, config), ids, _mm_types(ids), image_grid, video_grid, seconds, mask
+    )
+
+
+def hf_qwen2(ids, mask=None, image_grid=None, video_grid=None):
+    config = transformers.Qwen2VLConfig()
+    return Qwen2VLModel.get_rope_index(
+        _stub(Qwen2VLModel, config), ids, _mm_types(ids), image_grid, video_grid, mask
     )
 
 
@@ -127,6 +135,42 @@ def test_mrope_qwen25_long_video_resumes_after_temporal_extent(seq):
     assert deltas.tolist() == [[nxt + 2 + 1 - ids.shape[1]]] and deltas.dtype == torch.int64
     # 5.x agrees on everything up to the end of the video block:
     assert_parity((pos, deltas), hf_qwen25(ids, video_grid=grids, seconds=torch.tensor([1.5])), upto=3 + 16)
+
+
+@pytest.mark.parametrize(
+    "layout,num_patches,stock_next,ours_next",
+    [("qwen2_5", 8, 19, 19), ("qwen2_5", 9, 19, 20), ("qwen2", 16, 19, 19), ("qwen2", 17, 19, 20)],
+)
+def test_long_video_divergence_from_transformers_is_pinned(seq, layout, num_patches, stock_next, ours_next):
+    """The long-video divergence (mmrope/encodings/README.md), pinned on both sides: an upgrade of transformers or
+    a change here fails loudly. 448x448 frames (32x32 patches -> 16x16 tokens per temporal patch); Qwen2.5-VL at
+    2 fps (second_per_grid_t 1.0 x tokens_per_second 2 = temporal step 2), Qwen2-VL (step 1). Tokens: 2 text, VS,
+    the video from position 3, VE, 2 text. Transformers 5.x resumes at VE = 3 + max(h', w') = 19 whatever the
+    length; mmrope (the Qwen rule, transformers 4.57.1) at 3 + max(last temporal id - 3, 15) + 1: the same for a
+    short video, one past the video's last temporal id for a long one (8 * 2 = 16 > 15, 16 * 1 = 16 > 15)."""
+    grid = (num_patches, 32, 32)
+    grids = torch.tensor([grid])
+    ids = torch.tensor([seq.text(2) + seq.video_qwen25(grid) + seq.text(2)])
+    if layout == "qwen2_5":
+        ours = build("mrope").position_ids(
+            ids, video_grid_thw=grids, second_per_grid_ts=[1.0], layout=layout, tokens_per_second=2
+        )
+        theirs = hf_qwen25(ids, video_grid=grids, seconds=torch.tensor([1.0]), tokens_per_second=2)
+    else:
+        ours = build("mrope").position_ids(ids, video_grid_thw=grids, layout=layout)
+        theirs = hf_qwen2(ids, video_grid=grids)
+    ve = 3 + num_patches * 16 * 16  # index of vision_end
+    last_t = int(theirs[0][0, 0, ve - 1])  # the video's last temporal id (both sides agree on the video)
+    assert theirs[0][:, 0, ve].tolist() == [stock_next] * 3, (
+        f"transformers {transformers.__version__} changed"
+    )
+    assert ours[0][:, 0, ve].tolist() == [ours_next] * 3
+    assert_parity(ours, theirs, upto=ve)  # text, VS and every video token: identical
+    if stock_next == ours_next:
+        assert_parity(ours, theirs)
+    else:  # stock puts the following text at temporal ids the video itself still uses
+        assert stock_next <= last_t < ours_next == last_t + 1
+        assert torch.equal(ours[1], theirs[1] + (ours_next - stock_next))
 
 
 def test_mrope_qwen25_image_with_t2_hand_derived(seq):
