@@ -8,9 +8,9 @@ Two tasks in lmms-eval's own format (task YAML with `dataset_path: json` + a loc
 `utils.py` with `doc_to_visual` / `doc_to_text` / `process_results`), read from disk only:
 - `mmrope_shapes_mc` (multiple choice): "What shape is in the image?" with the four shapes as options A-D,
   scored by the option letter (`mmrope.eval.scoring`);
-- `mmrope_shapes_qa` (short answer): "What colour is the <shape>?", one two-image item ("Do the two images show
-  the same shape?" yes/no) and one video item (an mp4 of a shape moving left or right: "Which way does the
-  <shape> move?" left/right), scored by the normalised string match.
+- `mmrope_shapes_qa` (short answer): one video item first (an mp4 of a shape moving left or right: "Which way
+  does the <shape> move?" left/right), one two-image item ("Do the two images show the same shape?" yes/no),
+  then "What colour is the <shape>?" items; scored by the normalised string match.
 Prompts are the LLaVA evaluation prompts of `mmrope.eval.vqa.question_text`. Metric: `accuracy` (mean).
 The data-file paths in the YAMLs are absolute: move the folder and write it again.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from data.synthetic import COLOURS, SHAPES, draw_shape
 
 TASKS = ("mmrope_shapes_mc", "mmrope_shapes_qa")
-FORMAT = 1  # bump when the generated files change: an older folder is rewritten
+FORMAT = 2  # bump when the generated files change: an older folder is rewritten
 
 TASK_YAML = """\
 task: {task}
@@ -124,24 +124,25 @@ def _items(root: Path, num_items: int, rng: random.Random, min_size: int, max_si
             {"id": f"mc{i}", "images": [path], "question": "What shape is in the image?", "options": options,
              "answer": f["shape"]}
         )  # fmt: skip
-    for i in range(max(num_items - 2, 1)):
-        path, f = image(f"qa{i}")
-        qa.append(
-            {"id": f"qa{i}", "images": [path], "question": f"What colour is the {f['shape']}?", "answer": f["colour"]}
-        )  # fmt: skip
+    # the video and the two-image item first, so that `--limit 2` keeps them
+    colour, background = rng.sample(sorted(COLOURS), 2)
+    shape, rightwards = rng.choice(SHAPES), rng.random() < 0.5
+    video = root / "videos" / "moving.mp4"
+    _video_mp4(video, shape, colour, background, rightwards, size=max(max_size // 28 * 28, 56))
+    qa.append(
+        {"id": "video", "video": str(video.resolve()), "question": f"Which way does the {shape} move?",
+         "answer": "right" if rightwards else "left"}
+    )  # fmt: skip
     (p0, f0), (p1, f1) = image("pair0"), image("pair1")
     qa.append(
         {"id": "pair", "images": [p0, p1], "question": "Do the two images show the same shape?",
          "answer": "yes" if f0["shape"] == f1["shape"] else "no"}
     )  # fmt: skip
-    colour, background = rng.sample(sorted(COLOURS), 2)
-    shape, rightwards = rng.choice(SHAPES), rng.random() < 0.5
-    video = root / "videos" / "moving.mp4"
-    _video_mp4(video, shape, colour, background, rightwards, size=max_size // 28 * 28 or 56)
-    qa.append(
-        {"id": "video", "video": str(video.resolve()), "question": f"Which way does the {shape} move?",
-         "answer": "right" if rightwards else "left"}
-    )  # fmt: skip
+    for i in range(max(num_items - 2, 1)):
+        path, f = image(f"qa{i}")
+        qa.append(
+            {"id": f"qa{i}", "images": [path], "question": f"What colour is the {f['shape']}?", "answer": f["colour"]}
+        )  # fmt: skip
     return {"mmrope_shapes_mc": mc, "mmrope_shapes_qa": qa}
 
 
