@@ -131,16 +131,31 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "checkpoint"
 
 
-def export_checkpoint(target: Target, out_dir: Path, log_dir: Path) -> Path:
-    """A training checkpoint -> `<out>/exports/<name>` through `python -m mmrope.train.export` (a subprocess)."""
-    dest = out_dir / "exports" / safe_name(target.name)
-    log = log_dir / f"{safe_name(target.name)}.export.log"
-    cmd = [sys.executable, "-m", "mmrope.train.export", str(target.path), "--out", str(dest)]
+def committed_step(path: Path) -> Path | None:
+    """A committed `step_N` folder (it has the manifest) as is; a checkpoints folder -> its newest committed step
+    (what `mmrope.train.export` resolves it to); else None."""
+    if (path / MANIFEST).is_file():
+        return path
+    steps = [p.parent for p in path.glob(f"step_*/{MANIFEST}") if p.parent.name.split("_")[1].isdigit()]
+    return max(steps, key=lambda p: int(p.name.split("_")[1])) if steps else None
+
+
+def run_export(checkpoint: Path, dest: Path, log: Path) -> Path:
+    """`python -m mmrope.train.export CHECKPOINT --out DEST` in a subprocess (evaluation never imports the
+    trainer); BenchError with the log's tail when it fails."""
+    cmd = [sys.executable, "-m", "mmrope.train.export", str(checkpoint), "--out", str(dest)]
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(online=True)).returncode
     if rc != 0 or not (dest / ENCODING_FILE).is_file():
-        raise BenchError(f"export of {target.path} failed (exit {rc}); log {log}:\n{_tail(log)}")
+        raise BenchError(f"export of {checkpoint} failed (exit {rc}); log {log}:\n{_tail(log)}")
     return dest
+
+
+def export_checkpoint(target: Target, out_dir: Path, log_dir: Path) -> Path:
+    """A training checkpoint -> `<out>/exports/<name>` through `python -m mmrope.train.export` (a subprocess)."""
+    dest = out_dir / "exports" / safe_name(target.name)
+    return run_export(target.path, dest, log_dir / f"{safe_name(target.name)}.export.log")
 
 
 def _child_env(*, online: bool) -> dict[str, str]:

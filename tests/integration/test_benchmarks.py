@@ -267,3 +267,20 @@ def test_a_failing_task_makes_the_bench_fail(tmp_path, lmms_eval_bin, tasks_dir,
     assert done.returncode != 0
     assert "mmrope_broken" in done.stderr and "bench:" in done.stderr, done.stderr
     assert not (tmp_path / "out" / "scores.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.eval.benchmarks.every_saves=0", "trainer.eval.benchmarks.every_saves"),
+        ("trainer.eval.benchmarks.limit=0", "trainer.eval.benchmarks.limit"),
+        ("trainer.eval.benchmarks.tasks=['a,b']", "trainer.eval.benchmarks.tasks"),
+        ("trainer.eval.benchmarks.include_path=[/no/such/folder]", "trainer.eval.benchmarks.include_path"),
+        ("trainer.eval.benchmarks.lmms_eval=/no/such/lmms-eval", "trainer.eval.benchmarks.lmms_eval"),
+    ],
+)
+def test_bad_benchmark_config_names_the_key(tmp_path, cache_dir, override, key):
+    from tests.integration.test_eval_in_training import compose_cfg
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        compose_cfg(tiny_overrides(cache_dir, tmp_path, override))
