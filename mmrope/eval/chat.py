@@ -140,6 +140,8 @@ class ChatModel:
         data = meta.get("data") or {}
         video = VideoSampling(**data["video"]) if data.get("video") else VideoSampling()
         overrides = {"fps": fps, "max_frames": max_num_frames}
+        if max_num_frames is not None:  # fewer frames than the training minimum: the minimum follows
+            overrides["min_frames"] = min(video.min_frames, max_num_frames)
         video = VideoSampling(**{**asdict(video), **{k: v for k, v in overrides.items() if v is not None}})
         self.video = video
         self.sample_processor = SampleProcessor(

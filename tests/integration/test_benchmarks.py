@@ -131,6 +131,17 @@ def test_chat_model_answers_equal_mmrope_generate_at_batch_1_and_4(exports, task
     (video,) = chat.prompts(conversations[:1])
     assert video.pixel_values_videos is not None and video.videos[0]["frames"] == 4
     assert video.video_grid_thw[0, 0].item() == 2
+    if name == "mrope":  # generation settings (the same code path for every encoding)
+        # nucleus sampling with a tiny top_p keeps only the most probable token: greedy again
+        sampled = chat.generate(conversations[:4], max_new_tokens=5, temperature=0.8, top_p=1e-9)
+        assert sampled == single[:4]
+        # a stop string cuts the answer before it (and generation stops there)
+        stop = next(a for a in single if len(a) > 2)[1:3]
+        cut = chat.generate(conversations, max_new_tokens=5, until=[stop])
+        assert cut == [a.split(stop)[0] for a in single]
+        # model_args override the export's video sampling: at most 2 frames
+        fewer = ChatModel(exports[name], max_num_frames=2).prompts(conversations[:1])[0]
+        assert fewer.videos[0]["frames"] == 2 and fewer.video_grid_thw[0, 0].item() == 1
 
 
 def _fake_sweep_job(job: Path, overrides: list[str], rope: dict) -> None:
