@@ -1,7 +1,7 @@
 """Benchmarks during training: lmms-eval on saved checkpoints, in a separate process, never in the way.
 
     python train.py 'trainer.eval.benchmarks.tasks=[mmstar_qwen]' trainer.eval.benchmarks.every_saves=2 \\
-        trainer.eval.benchmarks.limit=200 trainer.eval.benchmarks.model_args=device=cpu
+        trainer.eval.benchmarks.limit=200 'trainer.eval.benchmarks.model_args="device=cpu"'
 
 After every `every_saves`-th committed checkpoint (and the final one), rank 0 starts
 `python -m mmrope.eval.bench --checkpoint <step_N> --tasks ... --out <run_dir>/bench/step_N` as a child process
@@ -20,7 +20,7 @@ trainer waits up to `wait_at_end_s` for a running benchmark.
 cannot start is counted in `bench/failures` (logged at the checkpoint's step) and its log is named on the
 console (`<run_dir>/bench/step_N.log`). A checkpoint deleted by `trainer.keep_last` before the child exported it
 is such a failure: keep `keep_last` >= 2 when saves come faster than a benchmark runs. A preempted run leaves a
-running benchmark alone. Under SLURM the child shares the job's allocation: pass `model_args=device=cpu`, or run
+running benchmark alone. Under SLURM the child shares the job's allocation: pass `model_args="device=cpu"`, or run
 `python -m mmrope.eval.bench` on the checkpoints as a job of its own.
 """
 

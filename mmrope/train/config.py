@@ -205,7 +205,7 @@ class BenchmarksConfig:
         default_factory=list
     )  # folders of extra task YAMLs (lmms-eval --include_path)
     batch_size: int = 1
-    model_args: str = ""  # extra `--model mmrope` model_args, e.g. device=cpu (keep the training GPUs free)
+    model_args: str = ""  # extra `--model mmrope` model_args, e.g. "device=cpu" (quoted in an override)
     lmms_eval: str | None = (
         None  # the lmms-eval executable; null = .venv-eval/bin/lmms-eval (make eval-setup)
     )
