@@ -67,9 +67,9 @@ class MMRoPE(lmms):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"--batch_size: must be an integer >= 1 for --model mmrope, got {batch_size!r}")
         self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"--model_args batch_size: must be >= 1, got {batch_size}")
         self.chat = ChatModel(
             pretrained,
             device=device,
