@@ -120,6 +120,7 @@ class ChatModel:
         attn_backend: str = "auto",
         seed: int = 0,
     ) -> None:
+        from mmrope.model.families import tokens_per_second
         from mmrope.pretrained import from_pretrained, read_encoding_file
 
         if dtype not in DTYPES:
@@ -152,6 +153,7 @@ class ChatModel:
             system_prompt=system_prompt if system_prompt is not None else data.get("system_prompt"),
             dipe=False,  # static positions are recomputed for the padded batch by greedy_generate
             video=video,
+            tokens_per_second=tokens_per_second(self.model.config),
         )
         self.generator = torch.Generator().manual_seed(seed)
 

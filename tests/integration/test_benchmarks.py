@@ -47,10 +47,11 @@ def tasks_dir(tmp_path_factory) -> Path:
 
 
 def _export_untied(out: Path, processor, name: str, dipe: bool, seed: int) -> Path:
-    """A tiny VLM saved as `mmrope.train.export` saves one, with an untied random head: its greedy answers vary
+    """A tiny VLM exported with an untied random head: its greedy answers vary
     from prompt to prompt (a tied head repeats the prompt's last token), so equal answers mean something."""
     from mmrope.model.build import build_model
     from mmrope.model.config import ModelConfig, TinyModelConfig
+    from mmrope.train.export import write_export
 
     tiny = TinyModelConfig(
         hidden_size=128,
@@ -67,12 +68,10 @@ def _export_untied(out: Path, processor, name: str, dipe: bool, seed: int) -> Pa
     ).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
-    model.config.use_cache = True
-    model.save_pretrained(out)
-    processor.save(out)
-    meta = {"name": name, "hparams": {}, "dipe": dipe, "layout": "qwen2_5", "stock": False}
-    (out / "mmrope_encoding.json").write_text(json.dumps(meta | {"model_family": "qwen2_5_vl"}))
-    return out
+    # as `python -m mmrope.train.export` writes it (a non-stock export refuses stock transformers)
+    return write_export(
+        model, processor, out, name=name, hparams={}, dipe=dipe, layout="qwen2_5", family="qwen2_5_vl"
+    )
 
 
 @pytest.fixture(scope="module")
