@@ -33,7 +33,8 @@ LIMIT = 3  # items per task: the video item, the two-image item and one single-i
 @pytest.fixture(scope="session")
 def lmms_eval_bin() -> Path:
     """`.venv-eval/bin/lmms-eval` of this checkout, made by `make eval-setup` when missing or stale."""
-    subprocess.run(["make", "-s", "eval-setup"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    done = subprocess.run(["make", "-s", "eval-setup"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, "make eval-setup failed:\n" + done.stdout[-3000:] + done.stderr[-3000:]
     path = ROOT / ".venv-eval" / "bin" / "lmms-eval"
     assert path.is_file()
     return path
