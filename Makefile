@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR):$(PYTHONPATH)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-fast lint format bench bench-gpu gpu-check wheelhouse clean
+.PHONY: help setup eval-setup train test test-fast lint format bench bench-gpu gpu-check wheelhouse clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,25 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with torch (CPU build without CUDA) and all dependencies
+
+# The benchmark environment (issue 20): lmms-eval pins wandb and av and wants a CUDA torch + torchvision, so it
+# lives in its own venv: this project (editable, same torch as .venv), lmms-eval without its dependencies, and
+# the few runtime packages its core imports (filelock 4.3 removed `filelock._api`, which lmms-eval imports).
+EVAL_VENV ?= .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+EVAL_RUNTIME := accelerate loguru sacrebleu evaluate pytz tenacity pytablewriter "filelock<4.3"
+
+$(EVAL_STAMP): pyproject.toml
+	@test -x $(EVAL_VENV)/bin/python || python3 -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(EVAL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(EVAL_VENV)/bin/python -m pip install -q -e .
+	$(EVAL_VENV)/bin/python -m pip install -q --no-deps "$(LMMS_EVAL_SPEC)"
+	$(EVAL_VENV)/bin/python -m pip install -q $(EVAL_RUNTIME)
+	@touch $(EVAL_STAMP)
+
+eval-setup: $(EVAL_STAMP) ## create .venv-eval: this project + lmms-eval 0.7.3 (`.venv-eval/bin/lmms-eval --model mmrope`)
 
 train: $(STAMP) ## run the embedded default: tiny Qwen2.5-VL, synthetic shards, ZeRO-2 on CPU (args: ARGS="rope=vanilla ...")
 	$(PY) train.py $(ARGS)

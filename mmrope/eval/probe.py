@@ -347,18 +347,22 @@ def _export_if_needed(path: Path) -> Path:
     `<run dir>/export/step_N` (reused when already there)."""
     if (path / "mmrope_encoding.json").is_file():
         return path
-    from mmrope.train.export import export, resolve_checkpoint
+    from mmrope.eval.bench import BenchError, committed_step, run_export
 
-    try:
-        step_dir = resolve_checkpoint(path)
-    except ValueError as e:
+    step_dir = committed_step(path)
+    if step_dir is None:
         raise ValueError(
             f"argument `--checkpoint`: {str(path)!r} is neither an exported model (mmrope_encoding.json) nor a "
             "committed training checkpoint"
-        ) from e
+        )
     out = step_dir.parent.parent / "export" / step_dir.name
-    if not (out / "mmrope_encoding.json").is_file():
-        export(step_dir, out)
+    if not (
+        out / "mmrope_encoding.json"
+    ).is_file():  # exported in a subprocess: eval never imports the trainer
+        try:
+            run_export(step_dir, out, out.with_name(out.name + ".export.log"))
+        except BenchError as e:
+            raise ValueError(f"argument `--checkpoint`: {e}") from e
     return out
 
 

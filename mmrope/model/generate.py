@@ -1,6 +1,9 @@
-"""Greedy generation with a KV cache for a model with an installed mmrope encoding (and DIPE, spec dipe.md 9.3)."""
+"""Generation with a KV cache for a model with an installed mmrope encoding (and DIPE, spec dipe.md 9.3): greedy,
+or sampled (temperature, top-p) for evaluators that ask for it."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +32,21 @@ def greedy_generate(
     dipe: bool = False,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Prompt + `max_new_tokens` greedy tokens, `[B, L + max_new_tokens]` (like HF `generate`).
 
     With `eos_token_id` it stops like HF `generate`: once every row produced it, rows that finished earlier
     continue with `pad_token_id` (default: eos), and the result may be shorter. Without it, no early stop.
+    `stop(new_BN) -> done_B` marks more rows finished (e.g. a stop string was decoded); it needs `eos_token_id`.
+
+    `temperature > 0` samples from `softmax(logits / temperature)` restricted to the smallest set of tokens whose
+    probability reaches `top_p` (HF's nucleus rule), drawing from `generator`; 0 is greedy (argmax).
+    Videos: `pixel_values_videos` + `video_grid_thw` (+ `second_per_grid_ts` for the qwen2_5 layout) as the data
+    path makes them (`data.processing.Sample`).
 
     Prefill uses `encoding.position_ids` on the (left-padded) prompt; decode step `s` uses
     `encoding.decode_position_ids(rope_deltas, L + s)`. DIPE: a new token is a text query with that dynamic
@@ -43,6 +56,10 @@ def greedy_generate(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    if stop is not None and eos_token_id is None:
+        raise ValueError("stop: needs eos_token_id (finished rows are padded)")
     if not is_installed(model):
         raise ValueError("model: install an mmrope encoding first (mmrope.model.install.install)")
     num_rows, prompt_len = input_ids_BL.shape
@@ -82,10 +99,29 @@ def greedy_generate(
         use_cache=True,
         **prefill_kw,
     )
-    next_B1 = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+
+    def pick(hidden_B1D: Tensor) -> Tensor:
+        logits_BV = model.lm_head(hidden_B1D)[:, -1].float()
+        if temperature == 0:
+            return logits_BV.argmax(-1, keepdim=True)
+        probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+        if top_p < 1:  # keep the most probable tokens up to top_p (always the first), renormalised
+            sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+            drop_BV = sorted_BV.cumsum(-1) - sorted_BV >= top_p
+            probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, 0))
+        draw = torch.multinomial(probs_BV.cpu(), 1, generator=generator)
+        return draw.to(logits_BV.device)
+
+    def finished(next_B1: Tensor, sequence_BN: Tensor) -> Tensor:
+        done_B1 = next_B1 == eos_token_id
+        if stop is not None:
+            done_B1 = done_B1 | stop(sequence_BN[:, prompt_len:]).view(-1, 1).to(device)
+        return done_B1
+
+    next_B1 = pick(out.last_hidden_state[:, -1:])
     sequence_BN = torch.cat([input_ids_BL, next_B1], dim=1)
     fill = eos_token_id if pad_token_id is None else pad_token_id
-    done_B1 = next_B1 == eos_token_id if eos_token_id is not None else None
+    done_B1 = finished(next_B1, sequence_BN) if eos_token_id is not None else None
     key_valid_BK, key_visual_BK = mask_BL.bool(), visual_BL
     text_query_B1 = torch.zeros(num_rows, 1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens - 1):
@@ -103,9 +139,10 @@ def greedy_generate(
         out = model.model(
             input_ids=next_B1, position_ids=pos_3B1, past_key_values=cache, use_cache=True, **step_kw
         )
-        next_B1 = model.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
+        next_B1 = pick(out.last_hidden_state[:, -1:])
         if done_B1 is not None:  # finished rows keep emitting padding, as HF generate does
             next_B1 = next_B1.masked_fill(done_B1, fill)
-            done_B1 = done_B1 | (next_B1 == eos_token_id)
         sequence_BN = torch.cat([sequence_BN, next_B1], dim=1)
+        if done_B1 is not None:
+            done_B1 = done_B1 | finished(next_B1, sequence_BN)
     return sequence_BN[:, : prompt_len + max_new_tokens]

@@ -193,6 +193,47 @@ class WandbConfig:
 
 
 @dataclass
+class BenchmarksConfig:
+    """lmms-eval benchmarks of saved checkpoints during training (`mmrope.train.benchmarks`): every `every_saves`-th
+    committed checkpoint is exported and judged by `python -m mmrope.eval.bench` in a separate process (rank 0);
+    scores arrive later and are logged as `bench/<task>/<metric>` at the checkpoint's step. Empty `tasks`: off."""
+
+    tasks: list[str] = field(default_factory=list)  # lmms-eval task names, e.g. [mmstar_qwen]; empty disables
+    every_saves: int = 1  # judge every N-th save (trainer.save_every steps apart); the final save always
+    limit: int | None = None  # items per task; null = all
+    include_path: list[str] = field(
+        default_factory=list
+    )  # folders of extra task YAMLs (lmms-eval --include_path)
+    batch_size: int = 1
+    model_args: str = ""  # extra `--model mmrope` model_args, e.g. "device=cpu" (quoted in an override)
+    lmms_eval: str | None = (
+        None  # the lmms-eval executable; null = .venv-eval/bin/lmms-eval (make eval-setup)
+    )
+    wait_at_end_s: float = 600.0  # when training ends, wait this long for running benchmarks to log them
+
+    def __post_init__(self) -> None:
+        key = "trainer.eval.benchmarks"
+        _require(
+            all(isinstance(t, str) and t.strip() and "," not in t for t in self.tasks),
+            f"{key}.tasks",
+            f"must be task names (one per list entry, no commas), got {list(self.tasks)}",
+        )
+        _require(self.every_saves >= 1, f"{key}.every_saves", f"must be >= 1, got {self.every_saves}")
+        _require(
+            self.limit is None or self.limit >= 1, f"{key}.limit", f"must be >= 1 or null, got {self.limit}"
+        )
+        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.wait_at_end_s >= 0, f"{key}.wait_at_end_s", f"must be >= 0, got {self.wait_at_end_s}")
+        for path in self.include_path:
+            _require(Path(path).is_dir(), f"{key}.include_path", f"{path!r} is not a folder")
+        _require(
+            self.lmms_eval is None or Path(self.lmms_eval).is_file(),
+            f"{key}.lmms_eval",
+            f"{self.lmms_eval!r} is not a file (make eval-setup creates .venv-eval/bin/lmms-eval)",
+        )
+
+
+@dataclass
 class EvalConfig:
     """Evaluation during training (`mmrope.train.eval`): held-out loss and the visual-fading probe."""
 
@@ -202,6 +243,7 @@ class EvalConfig:
     max_batches: int = 8  # packed rows scored for eval/loss; 0 = the whole held-out set
     probe_distances: list[int] = field(default_factory=lambda: [0, 64])  # distractor tokens image -> question
     probe_samples: int = 8  # image+question samples probed at each distance; 0 disables the probe
+    benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)  # lmms-eval on saved checkpoints
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "trainer.eval.every", f"must be >= 0 (0 disables), got {self.every}")

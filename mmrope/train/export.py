@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -168,6 +169,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
         family=cfg.model.family,
         trained_steps=manifest["step"],
         config_hash=manifest["config_hash"],
+        # how the training data was processed, so that evaluators prompt like training (mmrope.eval.chat)
+        data={"video": asdict(d.video), "system_prompt": d.system_prompt},
     )
     print(f"exported step {manifest['step']} of {step_dir} -> {out} ({dtype})")
     return out

@@ -81,6 +81,9 @@ class Trainer:
         )
         self._step_composition: dict = {}
         self.evaluator = None  # mmrope.train.eval.Evaluator, set by the session when trainer.eval.every > 0
+        self.benchmarks = (
+            None  # mmrope.train.benchmarks.Benchmarks (rank 0), when trainer.eval.benchmarks.tasks
+        )
 
     def train(self) -> TrainResult:
         """Train to trainer.max_steps. On a preemption signal: save, then raise `Preempted` (a SystemExit
@@ -125,6 +128,13 @@ class Trainer:
                 )
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 last_ckpt = self.save()
+                if self.benchmarks is not None:  # rank 0: a background process judges the committed step
+                    self._log_bench(
+                        self.step,
+                        self.benchmarks.on_save(self.step, last_ckpt, final=self.step == t.max_steps),
+                    )
+            if self.benchmarks is not None:  # scores of a finished background benchmark, at its step
+                self._log_bench(*(self.benchmarks.poll() or (0, {})))
             # Sync point: any rank signalled -> every rank saves this step (a finished run just finishes).
             if self.preemption.agreed() and self.step < t.max_steps:
                 if last_ckpt is None or last_ckpt.name != f"step_{self.step}":
@@ -135,7 +145,13 @@ class Trainer:
                 )
                 self.preemption.chain()  # e.g. submitit's handler requeues the SLURM job (may exit itself)
                 raise Preempted(t.requeue_exit_code)
+        if self.benchmarks is not None:  # the final checkpoint's benchmark: wait a while for it
+            self._log_bench(*(self.benchmarks.wait() or (0, {})))
         return TrainResult(first, last, last_ckpt, self.step)
+
+    def _log_bench(self, checkpoint_step: int, values: dict) -> None:
+        if values:
+            self.metrics.log_late(checkpoint_step, values, current_step=self.step)
 
     def train_step(self) -> tuple[float, dict]:
         rows = [next(self.rows) for _ in range(self.accum)]

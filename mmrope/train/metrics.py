@@ -1,7 +1,8 @@
 """Metrics sinks on rank 0: wandb (offline by default), a local JSONL log, and a progress bar.
 
 The JSONL log (`<run_dir>/metrics.jsonl`, one object per logged step) is the source of truth for local
-reports (sweep tables, plots), so nothing depends on reaching a wandb server.
+reports (sweep tables, plots), so nothing depends on reaching a wandb server. Background benchmark scores are
+appended later as records of their checkpoint's step (`log_late`): readers merge the records of a step.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Metrics:
         self.enabled = enabled
         self.run = None
         self.bar = None
+        self._late_axis = False  # wandb: bench/* plotted against bench/checkpoint_step (set on first use)
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,21 @@ class Metrics:
         self.log_file.flush()
         if self.run is not None:
             self.run.log(values, step=step)
+
+    def log_late(self, checkpoint_step: int, values: dict, *, current_step: int) -> None:
+        """Values that belong to an earlier step and arrive now (background benchmarks): metrics.jsonl gets a
+        record at `checkpoint_step` (appended: the file is in arrival order); wandb, whose steps only grow, gets
+        them at `current_step`, plotted against `bench/checkpoint_step` (define_metric)."""
+        if not self.enabled:
+            return
+        self.log_file.write(json.dumps({"step": checkpoint_step, **values}) + "\n")
+        self.log_file.flush()
+        if self.run is not None:
+            if not self._late_axis:
+                self.run.define_metric("bench/checkpoint_step")
+                self.run.define_metric("bench/*", step_metric="bench/checkpoint_step")
+                self._late_axis = True
+            self.run.log({**values, "bench/checkpoint_step": checkpoint_step}, step=current_step)
 
     def progress(self, step: int, loss: float, lr: float) -> None:
         if self.enabled and self.bar is None:

@@ -8,6 +8,8 @@ A sweep folder holds one Hydra job folder per run (`<override_dirname>/`), each 
 from wandb. Writes `<out>/report.md` (one row per run: encoding, final and min loss, tokens/s, MFU, peak
 memory; "n/a" where a run did not log the metric) and `<out>/loss.png` (one curve per run from step 1, labelled
 with its encoding + DIPE and the other overrides that tell it apart; `--log-y` for a log-scale loss axis).
+When the sweep was judged on benchmarks (`python -m mmrope.eval.bench --checkpoint SWEEP --out SWEEP/bench`),
+report.md also holds their scores (`SWEEP/bench/scores.csv`, or `--scores PATH`) and links their bar plot.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +49,10 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of `metrics.jsonl` sorted by step. A resumed run re-logs the steps after its last checkpoint:
-    the last record of a step wins (it belongs to the history the final model comes from)."""
+    """Records of `metrics.jsonl` sorted by step; the records of one step are merged, a later value of a key
+    winning. A resumed run re-logs the steps after its last checkpoint: its values win (they belong to the
+    history the final model comes from). Background benchmark scores arrive as extra records of their
+    checkpoint's step (`bench/*`, mmrope.train.benchmarks)."""
     by_step: dict[int, dict] = {}
     with open(path) as f:
         for num_line, line in enumerate(f, 1):
@@ -57,7 +62,7 @@ def read_metrics(path: Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{num_line}: not a JSON object ({e})") from e
-            by_step[int(record["step"])] = record
+            by_step.setdefault(int(record["step"]), {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -196,18 +201,60 @@ def plot_losses(runs: list[RunLog], path: Path, title: str, *, log_y: bool = Fal
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path, out_dir: Path, *, log_y: bool = False) -> tuple[Path, Path]:
-    """Write `report.md` and `loss.png` for the sweep into `out_dir`; returns their paths."""
+def scores_section(scores_csv: Path, out_dir: Path) -> str:
+    """The benchmark scores of `mmrope.eval.bench` as a markdown table (one row per checkpoint, one column per
+    task/metric: value +- stderr), with a link to the bench's bar plot when it is there."""
+    from mmrope.eval.bench import read_scores
+
+    rows = read_scores(scores_csv)
+    columns = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+    checkpoints = list(dict.fromkeys((r["checkpoint"], r["encoding"], r["dipe"]) for r in rows))
+    lines = [
+        "| checkpoint | encoding | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for name, encoding, dipe in checkpoints:
+        cells = []
+        for task, metric in columns:
+            hit = [r for r in rows if (r["checkpoint"], r["task"], r["metric"]) == (name, task, metric)]
+            if not hit:
+                cells.append(NA)
+                continue
+            value, stderr, n = hit[0]["value"], hit[0]["stderr"], hit[0]["n"]
+            cells.append(
+                f"{float(value):.4f}"
+                + (f" ± {float(stderr):.4f}" if stderr else "")
+                + (f" (n={n})" if n else "")
+            )
+        shown = encoding + (" + DIPE" if str(dipe).lower() == "true" else "")
+        lines.append(f"| `{name}` | {shown} | " + " | ".join(cells) + " |")
+    text = f"\n## Benchmarks (lmms-eval)\n\nFrom `{scores_csv}`.\n\n" + "\n".join(lines) + "\n"
+    plot = scores_csv.with_name("scores.png")
+    if plot.is_file():
+        text += f"\n![benchmark scores]({os.path.relpath(plot, out_dir)})\n"
+    return text
+
+
+def write_report(
+    sweep_dir: Path, out_dir: Path, *, log_y: bool = False, scores: Path | None = None
+) -> tuple[Path, Path]:
+    """Write `report.md` and `loss.png` for the sweep into `out_dir`; returns their paths. `scores`: a bench
+    scores.csv to include (default: `<sweep_dir>/bench/scores.csv` when it exists)."""
     sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
     runs = load_sweep(sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, png_path = out_dir / "report.md", out_dir / "loss.png"
     plot_losses(runs, png_path, title=f"sweep {sweep_dir.name}: training loss", log_y=log_y)
+    if scores is None and (sweep_dir / "bench" / "scores.csv").is_file():
+        scores = sweep_dir / "bench" / "scores.csv"
+    if scores is not None and not Path(scores).is_file():
+        raise ValueError(f"argument `--scores`: {scores} is not a file")
     md_path.write_text(
         f"# Sweep `{sweep_dir.name}`\n\n{len(runs)} runs from `{sweep_dir}`. Final and min loss over logged steps; "
         "tokens/s and MFU: median over logged steps after the first; peak memory: max over steps.\n\n"
         + markdown_table(runs)
         + f"\n![training loss]({png_path.name})\n"
+        + (scores_section(Path(scores), out_dir) if scores is not None else "")
     )
     return md_path, png_path
 
@@ -217,8 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path, help="a Hydra sweep folder (e.g. runs/sweeps/<name>)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP_DIR/report)")
     parser.add_argument("--log-y", action="store_true", help="loss axis on a log scale")
+    parser.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        help="bench scores.csv (default: SWEEP_DIR/bench/scores.csv if present)",
+    )
     args = parser.parse_args(argv)
-    md_path, png_path = write_report(args.sweep_dir, args.out or args.sweep_dir / "report", log_y=args.log_y)
+    out = args.out or args.sweep_dir / "report"
+    md_path, png_path = write_report(args.sweep_dir, out, log_y=args.log_y, scores=args.scores)
     print(md_path.read_text())
     print(f"wrote {md_path} and {png_path}")
 

@@ -318,6 +318,12 @@ def build_session(cfg: TrainConfig) -> Session:
         urls = eval_shard_urls(cfg, rank0_first=lambda fn: _rank0_first(d, fn))
         eval_processor = make_sample_processor(cfg, processor, encoding, pixels="float32")
         trainer.evaluator = Evaluator(cfg, engine.module, eval_processor, encoding, urls, d.device)
+    if cfg.trainer.eval.benchmarks.tasks:
+        from mmrope.train.benchmarks import Benchmarks
+
+        trainer.benchmarks = Benchmarks(
+            cfg.trainer.eval.benchmarks, run_dir, enabled=d.is_main, log=metrics.print
+        )
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 

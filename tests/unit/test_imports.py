@@ -111,3 +111,24 @@ def test_encodings_are_pure_torch():
             n for n in names if n.startswith(("mmrope.", "mmrope")) and not n.startswith("mmrope.encodings")
         ]
         assert not heavy, (path, heavy)
+
+
+def test_evaluation_imports_nothing_from_training():
+    """`eval` knows exports, not the trainer: it runs `python -m mmrope.train.export` as a subprocess instead."""
+    graph = import_graph()
+    bad = {
+        (name, dep)
+        for name, deps in graph.items()
+        if name.startswith("mmrope.eval")
+        for dep in deps
+        if dep.startswith("mmrope.train")
+    }
+    assert not bad, sorted(bad)
+
+
+def test_the_lmms_eval_entry_point_is_light():
+    """lmms-eval loads every entry point whenever it lists models: ours imports only lmms-eval's registry."""
+    tree = ast.parse((ROOT / "mmrope" / "eval" / "lmms_entry.py").read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+    assert set(names) <= {"__future__", "lmms_eval.models.registry_v2"}, names
