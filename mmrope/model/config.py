@@ -15,7 +15,8 @@ from mmrope.model.families import FAMILIES
 
 MODEL_KINDS = ("tiny", "pretrained", "composed")
 MODEL_FAMILIES = tuple(FAMILIES)  # qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe
-COMPOSED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # ViT + connector of a VLM, LLM of a plain causal LM
+# ViT + connector of a VLM, LLM of a plain causal LM: qwen2_5_vl qwen3_vl
+COMPOSED_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.composable)
 ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
 
 

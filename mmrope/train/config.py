@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.video import VideoSampling
+from mmrope.encodings.positions import LAYOUTS
 from mmrope.model.config import ModelConfig, _one_of, _require
 from mmrope.model.families import FAMILIES
 
@@ -59,10 +60,10 @@ class RopeConfig:
         _one_of(self.name, tuple(available()), "rope.name")
         self.encoding()  # hyperparameter names and values (the fit to the model's heads: validate())
         if self.layout is not None:
-            _one_of(self.layout, ("qwen2", "qwen2_5", "qwen3"), "rope.layout")
+            _one_of(self.layout, LAYOUTS, "rope.layout")
         if self.dipe:
             _require(
-                self.name not in ("vanilla", "v2pe"),
+                not self.encoding().is_1d,
                 "rope.dipe",
                 f"DIPE needs a 3-axis encoding; {self.name!r} is 1D",
             )
