@@ -365,6 +365,15 @@ def resume_keys(schema: Any = None, prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
+def register_rope_config(name: str) -> None:
+    """Make `rope=<name>` selectable without a `configs/rope/<name>.yaml`: a config node with the registry entry's
+    defaults (an encoding registered from code, e.g. a test's toy one). The shipped encodings have their YAML."""
+    from mmrope.encodings.registry import ENCODINGS
+
+    node = {"name": name, "hparams": dict(ENCODINGS[name].defaults)}
+    ConfigStore.instance().store(group="rope", name=name, node=node)
+
+
 def register_configs() -> None:
     """Register the schema so `configs/train.yaml` (defaults: `- train_schema`) is type-checked at compose time."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
