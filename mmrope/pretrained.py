@@ -120,6 +120,27 @@ def read_encoding_file(path: str | os.PathLike) -> dict:
     return meta
 
 
+def export_of(path: str | os.PathLike) -> Path:
+    """An exported folder as is; a committed training checkpoint (a step dir or a checkpoints dir) is exported first
+    to `<run dir>/export/step_N` (`mmrope.train.export`; reused when already there). So the evaluators (which know
+    exports, not the trainer) also take a training run's checkpoint. Raises ValueError naming the path otherwise."""
+    path = Path(path)
+    if (path / "mmrope_encoding.json").is_file():
+        return path
+    from mmrope.train.export import export, resolve_checkpoint
+
+    try:
+        step_dir = resolve_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(
+            f"{str(path)!r} is neither an exported model (mmrope_encoding.json) nor a committed training checkpoint"
+        ) from e
+    out = step_dir.parent.parent / "export" / step_dir.name
+    if not (out / "mmrope_encoding.json").is_file():
+        export(step_dir, out)
+    return out
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,

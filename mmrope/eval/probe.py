@@ -343,23 +343,13 @@ class ProbeModel:
 
 
 def _export_if_needed(path: Path) -> Path:
-    """An exported dir as is; a committed training checkpoint (step dir or checkpoints dir) is exported first to
-    `<run dir>/export/step_N` (reused when already there)."""
-    if (path / "mmrope_encoding.json").is_file():
-        return path
-    from mmrope.train.export import export, resolve_checkpoint
+    """An exported dir as is; a committed training checkpoint is exported first (`mmrope.pretrained.export_of`)."""
+    from mmrope.pretrained import export_of
 
     try:
-        step_dir = resolve_checkpoint(path)
+        return export_of(path)
     except ValueError as e:
-        raise ValueError(
-            f"argument `--checkpoint`: {str(path)!r} is neither an exported model (mmrope_encoding.json) nor a "
-            "committed training checkpoint"
-        ) from e
-    out = step_dir.parent.parent / "export" / step_dir.name
-    if not (out / "mmrope_encoding.json").is_file():
-        export(step_dir, out)
-    return out
+        raise ValueError(f"argument `--checkpoint`: {e}") from e
 
 
 def load_probe_model(path: str | Path, *, attn_backend: str = "auto", device: str = "cpu") -> ProbeModel:
