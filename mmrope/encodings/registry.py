@@ -390,7 +390,8 @@ class Encoding:
         if not is_number(partial_rotary_factor) or not 0 < partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {partial_rotary_factor!r}")
         if num_key_value_heads is not None and self.spec.fits is not None:
-            self.spec.fits(self.hparams, _KVHeads(num_key_value_heads))
+            geometry = _RotaryGeometry(head_dim, rope_theta, partial_rotary_factor, num_key_value_heads)
+            self.spec.fits(self.hparams, geometry)
         key = (head_dim, rope_theta, partial_rotary_factor, num_key_value_heads)
         if key not in self._rotaries:
             from .frequencies import ALLOCATION_KEYS, make_rotary  # lazy: positions need no frequencies
@@ -459,10 +460,18 @@ class Encoding:
 
 
 @dataclass(frozen=True)
-class _KVHeads:
-    """The part of a model's geometry `Encoding.rotary` is told: its KV heads."""
+class _RotaryGeometry:
+    """The geometry `Encoding.rotary` is given, for the entry's `fits` hook."""
 
+    head_dim: int
+    rope_theta: float
+    partial_rotary_factor: float
     num_key_value_heads: int
+
+    @property
+    def num_rotary_pairs(self) -> int:
+        dim = int(self.head_dim * self.partial_rotary_factor)
+        return max(2, dim - dim % 2) // 2
 
 
 def build(name: str, **hparams: Any) -> Encoding:
