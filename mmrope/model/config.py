@@ -47,19 +47,19 @@ class TinyModelConfig:
 
     # head_dim 128 like every real Qwen-VL, so the shipped rope configs ([16,24,24] = 64 rotary pairs) fit as is.
     hidden_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    intermediate_size: int = 512
-    rope_theta: float = 1_000_000.0
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_num_heads: int = 2
-    vision_intermediate_size: int = 64
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    tie_word_embeddings: bool = True
+    num_hidden_layers: int = 2  # LLM decoder layers (Qwen3.5: delta-net and attention alternate)
+    num_attention_heads: int = 2  # query heads: head_dim = hidden_size / num_attention_heads
+    num_key_value_heads: int = 1  # KV heads (GQA); mhrope needs its rope.hparams.num_key_value_heads equal
+    intermediate_size: int = 512  # dense MLP width (MoE experts: a quarter of it)
+    rope_theta: float = 1_000_000.0  # rotary base, as Qwen2.5-7B
+    vision_depth: int = 2  # ViT blocks
+    vision_hidden_size: int = 32  # ViT width
+    vision_num_heads: int = 2  # ViT attention heads
+    vision_intermediate_size: int = 64  # ViT MLP width
+    patch_size: int = 14  # ViT patch side in pixels, as every Qwen-VL
+    temporal_patch_size: int = 2  # frames per temporal patch
+    spatial_merge_size: int = 2  # 2x2 patches merge into one LLM token
+    tie_word_embeddings: bool = True  # LM head shares the embedding matrix
 
     def __post_init__(self) -> None:
         _require(

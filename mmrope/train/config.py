@@ -176,8 +176,8 @@ class OptimConfig:
     lr: float = 1e-5  # peak learning rate
     min_lr: float = 3e-6  # end of the cosine decay
     warmup_steps: int = 0  # linear warmup from 0 (clamped to trainer.max_steps by validate())
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.05  # decoupled; not on biases and norms (mmrope/model/freeze.py param groups)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
 
@@ -195,10 +195,10 @@ class OptimConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "mmrope"
+    project: str = "mmrope"  # wandb project
     mode: str = "offline"  # online | offline | disabled
     group: str | None = None  # e.g. the Hydra sweep's name (set by configs/train.yaml in a multirun)
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # wandb run tags
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("online", "offline", "disabled"), "trainer.wandb.mode")
@@ -236,7 +236,7 @@ class EvalConfig:
 class TrainerConfig:
     # the run directory is output_dir/run_name: a requeued job finds its checkpoints
     run_name: str = "tiny-default"
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # parent of every run directory
     max_steps: int = 300  # optimizer steps
     global_batch_size: int = must_match(
         2
