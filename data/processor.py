@@ -21,8 +21,6 @@ from typing import Any
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmrope.model.config import ModelConfig
-
 # The Qwen2-VL family's special tokens (same strings as the real vocabulary; ids differ in the tiny tokenizer).
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
@@ -120,10 +118,11 @@ def load_processor(
 
 
 def processor_for(
-    model: ModelConfig, *, cache_dir: str | os.PathLike, min_pixels: int, max_pixels: int
+    model: Any, *, cache_dir: str | os.PathLike, min_pixels: int, max_pixels: int
 ) -> VLProcessor:
-    """The processor a model config trains with: the locally built tiny one (under `cache_dir`), or the one
-    of the checkpoint (`model.tokenizer_path`, else the VLM checkpoint's)."""
+    """The processor a model config (`mmrope.model.config.ModelConfig`; data imports no model code, so it is read
+    by its fields: kind, tokenizer_path, path, vision_path, tiny) trains with: the locally built tiny one (under
+    `cache_dir`), or the one of the checkpoint (`model.tokenizer_path`, else the VLM checkpoint's)."""
     if model.kind == "tiny" and not model.tokenizer_path:
         from data.synthetic import corpus
 

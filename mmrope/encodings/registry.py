@@ -9,168 +9,114 @@ Names follow configs/rope/<name>.yaml; defaults follow specs/encodings.md sectio
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .positions import DESIGNS, PositionDesign
-from .positions.skeleton import batch_positions, decode_positions, packed_positions
+from .frequencies.allocations import MULTIHEAD_SECTION, chunked_sections, interleaved_sections
+from .knobs import KNOBS, Validator, is_number
+from .positions.circlerope import CircleRoPEPositions
+from .positions.lumos import LumosPositions
+from .positions.mrope import GrapePositions, MHRoPEPositions, MRoPEInterleavePositions, MRoPEPositions
+from .positions.omnirope import ILRoPEPositions, OmniRoPEPositions
+from .positions.skeleton import PositionDesign, batch_positions, decode_positions, packed_positions
+from .positions.v2pe import V2PEPositions
+from .positions.vanilla import VanillaPositions
+from .positions.videorope import HoPEPositions, VideoRoPEPositions
 from .tokens import TokenIds
 
 if TYPE_CHECKING:
     from .frequencies import Rotary
 
 QWEN_TOKENS = TokenIds()  # Qwen2.5-VL / Qwen3-VL special token ids, merge size 2
+CHUNKED = chunked_sections(64)  # [16, 24, 24]: the spec's default rotary-pair sections at head_dim 128
+INTERLEAVED = interleaved_sections(64)  # [24, 20, 20]
+
+
+class Geometry(Protocol):
+    """What an encoding must fit: the attention geometry of a text model (`mmrope.model.families.TextGeometry`)."""
+
+    head_dim: int
+    num_key_value_heads: int
+    rope_theta: float
+    partial_rotary_factor: float
+
+    @property
+    def num_rotary_pairs(self) -> int: ...
+
+
+class EncodingMisfit(ValueError):
+    """An encoding that cannot run on a text model; `hparam` names the encoding hyperparameter to change (None
+    when the encoding as a whole does not fit)."""
+
+    def __init__(self, hparam: str | None, reason: str) -> None:
+        super().__init__(f"{hparam or 'encoding'}: {reason}")
+        self.hparam = hparam
+        self.reason = reason
+
+
+def _always(hp: dict[str, Any]) -> bool:
+    return True
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# hyperparameter validators: each raises ValueError naming the key
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_number(key: str, value: Any) -> Any:
-    if not _is_number(value) or value <= 0:
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    return value
-
-
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be a bool, got {value!r}")
-    return value
-
-
-def _sequence(key: str, value: Any) -> list[Any]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{key} must be a list, got {value!r}")
-    return list(value)
-
-
-def _sections(key: str, value: Any) -> list[int]:
-    items = _sequence(key, value)
-    if len(items) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
-        raise ValueError(f"{key} must be 3 positive ints (t, h, w), got {value!r}")
-    return items
-
-
-def _stride_list(key: str, value: Any) -> list[float]:
-    items = _sequence(key, value)
-    if not items or any(not _is_number(v) or v <= 0 for v in items):
-        raise ValueError(f"{key} must be a non-empty list of positive numbers, got {value!r}")
-    return items
-
-
-def _optional_positive(key: str, value: Any) -> Any:
-    return None if value is None else _positive_number(key, value)
-
-
-def _optional_positive_int(key: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive int or None, got {value!r}")
-    return value
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive int, got {value!r}")
-    return value
-
-
-def _choice(*options: str) -> Callable[[str, Any], str]:
-    def check(key: str, value: Any) -> str:
-        if value not in options:
-            raise ValueError(f"{key} must be one of {options}, got {value!r}")
-        return value
-
-    return check
-
-
-def _dff_rate(key: str, value: Any) -> bool | float:
-    if isinstance(value, bool) or (_is_number(value) and 0 <= value <= 1):
-        return value
-    raise ValueError(f"{key} must be a bool or a number in [0, 1], got {value!r}")
-
-
-def _radius(key: str, value: Any) -> float | str:
-    if _is_number(value):
-        return value
-    if isinstance(value, str) and (value == "auto" or value.startswith("auto-")):
-        if value != "auto":
-            try:
-                float(value.split("-", 1)[1])
-            except ValueError:
-                raise ValueError(f"{key} must be a number, 'auto' or 'auto-<scale>', got {value!r}") from None
-        return value
-    raise ValueError(f"{key} must be a number, 'auto' or 'auto-<scale>', got {value!r}")
-
-
-def _alpha(key: str, value: Any) -> float:
-    if _is_number(value) and (0 <= value <= 1 or value == -1):
-        return value
-    raise ValueError(f"{key} must be in [0, 1] or -1, got {value!r}")
-
-
-def _move_to_positive(key: str, value: Any) -> bool | str | float:
-    if isinstance(value, bool) or value == "auto" or (_is_number(value) and value >= 0):
-        return value
-    raise ValueError(f"{key} must be a bool, 'auto' or a non-negative offset, got {value!r}")
-
-
-def _scales(key: str, value: Any) -> tuple[float, float, float]:
-    items = _sequence(key, value)
-    if len(items) != 3 or any(not _is_number(v) or v <= 0 for v in items):
-        raise ValueError(f"{key} must be 3 positive numbers (t, h, w), got {value!r}")
-    return tuple(items)  # type: ignore[return-value]
-
-
-_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
-    "mrope_section": _sections,
-    "temporal_stride": _positive_number,
-    "spatial_reset": _flag,
-    "num_key_value_heads": _positive_int,
-    "temporal_stride_lst": _stride_list,
-    "fixed_temporal_scale": _optional_positive,
-    "frequency_layout": _choice("package", "official"),
-    "move_to_origin": _flag,
-    "move_to_positive": _move_to_positive,
-    "dff_rate": _dff_rate,
-    "method": _choice("circle", "no_circle"),
-    "radius": _radius,
-    "alpha": _alpha,
-    "visual_stride": _positive_number,
-    "position_scale": _scales,
-    "log_freq_scale": _positive_number,
-    "frequency_allocation": _choice("chunked", "interleaved"),
-    "grape_mode": _choice("canonical", "axis", "mixed", "block_mixed"),
-    "num_planes": _optional_positive_int,
-    "block_size": _positive_int,
-    "planes_per_block": _optional_positive_int,
-    "rope_init": _flag,
-    "learnable": _flag,
-    "text_axes": _choice("diagonal", "temporal"),
-}
-
-# ----------------------------------------------------------------------------------------------------------------
-# variants
+# one entry per encoding
 
 
 @dataclass(frozen=True)
-class Variant:
-    """A registry entry: defaults (spec 4 (c)), which of them the position design / the allocation consume."""
+class EncodingSpec:
+    """Everything the project knows about one encoding; `register(spec)` is the only edit a new encoding needs
+    besides its positions file (the design) and, to ship it, its `configs/rope/<name>.yaml`.
+
+    `defaults` are the spec's (4 (c)); `position_keys` the ones the design's constructor takes, the rest go to the
+    frequency allocation (its `ALLOCATION_KEYS`). `validators` adds (or overrides) the checks of `knobs.KNOBS` for
+    knobs of this encoding; `check(hp)` validates combinations; `fits(hp, geometry)` raises `EncodingMisfit` for a
+    model the encoding cannot run on (beyond the generic checks of `Encoding.fits`); `preserves_text_prior(hp)`:
+    text-only input gives vanilla RoPE's positions and frequencies.
+    """
 
     name: str
-    allocation: str
-    defaults: dict[str, Any]
+    design: type[PositionDesign]
+    allocation: str  # a key of `frequencies.ALLOCATION_TABLE`
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     position_keys: tuple[str, ...] = ()
-    extra_check: Callable[[dict[str, Any]], None] | None = field(default=None)
+    validators: Mapping[str, Validator] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
+    fits: Callable[[dict[str, Any], Geometry], None] | None = None
+    preserves_text_prior: Callable[[dict[str, Any]], bool] = _always
+
+    def validator(self, key: str) -> Validator:
+        return self.validators.get(key) or KNOBS[key]
+
+
+ENCODINGS: dict[str, EncodingSpec] = {}
+
+
+def register(spec: EncodingSpec) -> EncodingSpec:
+    """Add `spec` to the registry (`build(spec.name)` and `rope.name` accept it from then on). Raises ValueError
+    for a taken name, an unknown allocation, a knob without a validator or a position key without a default."""
+    from .frequencies import ALLOCATION_TABLE  # lazy: the position designs import without the frequencies
+
+    if spec.name in ENCODINGS:
+        raise ValueError(f"encoding {spec.name!r} is already registered")
+    if spec.allocation not in ALLOCATION_TABLE:
+        raise ValueError(f"encoding {spec.name!r}: allocation must be one of {list(ALLOCATION_TABLE)}")
+    if missing := sorted(k for k in spec.defaults if k not in spec.validators and k not in KNOBS):
+        raise ValueError(
+            f"encoding {spec.name!r}: knob(s) {missing} have no validator (EncodingSpec.validators)"
+        )
+    if missing := sorted(set(spec.position_keys) - set(spec.defaults)):
+        raise ValueError(f"encoding {spec.name!r}: position key(s) {missing} have no default")
+    ENCODINGS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove an encoding (tests that register a toy one clean up with this)."""
+    del ENCODINGS[name]
 
 
 def _check_mhrope(hp: dict[str, Any]) -> None:
@@ -181,130 +127,154 @@ def _check_mhrope(hp: dict[str, Any]) -> None:
         )
 
 
+def _mhrope_fits(hp: dict[str, Any], geometry: Geometry) -> None:
+    """The one MHRoPE KV-head check against a model (also run by `Encoding.rotary` given the model's KV heads)."""
+    if hp["num_key_value_heads"] != geometry.num_key_value_heads:
+        raise EncodingMisfit(
+            "num_key_value_heads",
+            f"mhrope assigns whole KV heads to t/h/w and was set for {hp['num_key_value_heads']} KV heads, but the "
+            f"model has {geometry.num_key_value_heads} (mrope_section must then sum to at most that)",
+        )
+
+
 def _check_ilrope(hp: dict[str, Any]) -> None:
     if hp["spatial_reset"] is not True:
         raise ValueError("spatial_reset must be True for ilrope (its layout always resets h/w)")
 
 
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in [
-        Variant("vanilla", "1d", {}),
-        Variant(
-            "mrope",
-            "chunked",
-            {"mrope_section": [16, 24, 24], "temporal_stride": 2.0},
-            position_keys=("temporal_stride",),
+for _spec in [
+    EncodingSpec("vanilla", VanillaPositions, "1d"),
+    EncodingSpec(
+        "mrope",
+        MRoPEPositions,
+        "chunked",
+        {"mrope_section": CHUNKED, "temporal_stride": 2.0},
+        position_keys=("temporal_stride",),
+    ),
+    EncodingSpec(
+        "mrope_i",
+        MRoPEInterleavePositions,
+        "interleaved",
+        {"mrope_section": INTERLEAVED, "temporal_stride": 1.0, "spatial_reset": False},
+        position_keys=("temporal_stride", "spatial_reset"),
+    ),
+    EncodingSpec(
+        "mhrope",
+        MHRoPEPositions,
+        "multihead",
+        {
+            "mrope_section": MULTIHEAD_SECTION,
+            "num_key_value_heads": 8,
+            "temporal_stride": 1.0,
+            "spatial_reset": False,
+        },
+        position_keys=("temporal_stride", "spatial_reset"),
+        check=_check_mhrope,
+        fits=_mhrope_fits,
+        # NoPE heads (sections not covering every KV head) see no position at all
+        preserves_text_prior=lambda hp: sum(hp["mrope_section"]) == hp["num_key_value_heads"],
+    ),
+    EncodingSpec(
+        "videorope",
+        VideoRoPEPositions,
+        "videorope",
+        {"mrope_section": CHUNKED, "temporal_stride": 2.0, "frequency_layout": "package"},
+        position_keys=("temporal_stride",),
+    ),
+    EncodingSpec(
+        "hope",
+        HoPEPositions,
+        "hope",
+        {
+            "mrope_section": CHUNKED,
+            "temporal_stride": 2.0,
+            "temporal_stride_lst": [0.5, 0.75, 1.0, 1.25, 1.5],
+            "fixed_temporal_scale": None,
+            "frequency_layout": "package",
+        },
+        position_keys=("temporal_stride", "temporal_stride_lst", "fixed_temporal_scale"),
+        preserves_text_prior=lambda hp: False,  # the t row is zeroed (NoPE) in the embedding
+    ),
+    EncodingSpec(
+        "circlerope",
+        CircleRoPEPositions,
+        "chunked",
+        {
+            "mrope_section": CHUNKED,
+            "temporal_stride": 1.0,
+            "move_to_origin": False,
+            "move_to_positive": False,
+            "dff_rate": False,
+            "method": "circle",
+            "radius": -1,
+            "alpha": -1,
+        },
+        position_keys=(
+            "temporal_stride",
+            "move_to_origin",
+            "move_to_positive",
+            "dff_rate",
+            "method",
+            "radius",
+            "alpha",
         ),
-        Variant(
-            "mrope_i",
-            "interleaved",
-            {"mrope_section": [24, 20, 20], "temporal_stride": 1.0, "spatial_reset": False},
-            position_keys=("temporal_stride", "spatial_reset"),
-        ),
-        Variant(
-            "mhrope",
-            "multihead",
-            {
-                "mrope_section": [2, 3, 3],
-                "num_key_value_heads": 8,
-                "temporal_stride": 1.0,
-                "spatial_reset": False,
-            },
-            position_keys=("temporal_stride", "spatial_reset"),
-            extra_check=_check_mhrope,
-        ),
-        Variant(
-            "videorope",
-            "videorope",
-            {"mrope_section": [16, 24, 24], "temporal_stride": 2.0, "frequency_layout": "package"},
-            position_keys=("temporal_stride",),
-        ),
-        Variant(
-            "hope",
-            "hope",
-            {
-                "mrope_section": [16, 24, 24],
-                "temporal_stride": 2.0,
-                "temporal_stride_lst": [0.5, 0.75, 1.0, 1.25, 1.5],
-                "fixed_temporal_scale": None,
-                "frequency_layout": "package",
-            },
-            position_keys=("temporal_stride", "temporal_stride_lst", "fixed_temporal_scale"),
-        ),
-        Variant(
-            "circlerope",
-            "chunked",
-            {
-                "mrope_section": [16, 24, 24],
-                "temporal_stride": 1.0,
-                "move_to_origin": False,
-                "move_to_positive": False,
-                "dff_rate": False,
-                "method": "circle",
-                "radius": -1,
-                "alpha": -1,
-            },
-            position_keys=(
-                "temporal_stride",
-                "move_to_origin",
-                "move_to_positive",
-                "dff_rate",
-                "method",
-                "radius",
-                "alpha",
-            ),
-        ),
-        Variant("v2pe", "1d", {"visual_stride": 16.0}, position_keys=("visual_stride",)),
-        Variant(
-            "ilrope",
-            "interleaved",
-            {
-                "mrope_section": [24, 20, 20],
-                "temporal_stride": 1.0,
-                "spatial_reset": True,
-                "text_axes": "diagonal",
-            },
-            position_keys=("temporal_stride", "text_axes"),
-            extra_check=_check_ilrope,
-        ),
-        Variant(
-            "omnirope",
-            "chunked",
-            {"mrope_section": [16, 24, 24], "temporal_stride": 1.0, "text_axes": "diagonal"},
-            position_keys=("temporal_stride", "text_axes"),
-        ),
-        Variant(
-            # mrope_section is kept for API symmetry but ignored by the fixed TTHWHWHW meta pattern (spec 4.11 (b)).
-            "lumos",
-            "lumos",
-            {"mrope_section": [16, 24, 24], "temporal_stride": 1.0, "position_scale": [1.0, 1.0, 1.0]},
-            position_keys=("temporal_stride", "position_scale"),
-        ),
-        Variant(
-            "grape",
-            "grape",
-            {
-                "mrope_section": [16, 24, 24],
-                "temporal_stride": 1.0,
-                "log_freq_scale": 1.0,
-                "frequency_allocation": "chunked",
-                "grape_mode": "canonical",
-                "num_planes": None,
-                "block_size": 16,
-                "planes_per_block": None,
-                "rope_init": True,
-                "learnable": True,
-            },
-            position_keys=("temporal_stride",),
-        ),
-    ]
-}
+    ),
+    EncodingSpec("v2pe", V2PEPositions, "1d", {"visual_stride": 16.0}, position_keys=("visual_stride",)),
+    EncodingSpec(
+        "ilrope",
+        ILRoPEPositions,
+        "interleaved",
+        {
+            "mrope_section": INTERLEAVED,
+            "temporal_stride": 1.0,
+            "spatial_reset": True,
+            "text_axes": "diagonal",
+        },
+        position_keys=("temporal_stride", "text_axes"),
+        check=_check_ilrope,
+    ),
+    EncodingSpec(
+        "omnirope",
+        OmniRoPEPositions,
+        "chunked",
+        {"mrope_section": CHUNKED, "temporal_stride": 1.0, "text_axes": "diagonal"},
+        position_keys=("temporal_stride", "text_axes"),
+    ),
+    EncodingSpec(
+        # mrope_section is kept for API symmetry but ignored by the fixed TTHWHWHW meta pattern (spec 4.11 (b)).
+        "lumos",
+        LumosPositions,
+        "lumos",
+        {"mrope_section": CHUNKED, "temporal_stride": 1.0, "position_scale": [1.0, 1.0, 1.0]},
+        position_keys=("temporal_stride", "position_scale"),
+    ),
+    EncodingSpec(
+        "grape",
+        GrapePositions,
+        "grape",
+        {
+            "mrope_section": CHUNKED,
+            "temporal_stride": 1.0,
+            "log_freq_scale": 1.0,
+            "frequency_allocation": "chunked",
+            "grape_mode": "canonical",
+            "num_planes": None,
+            "block_size": 16,
+            "planes_per_block": None,
+            "rope_init": True,
+            "learnable": True,
+        },
+        position_keys=("temporal_stride",),
+        # learned rotation planes or a rescaled spectrum differ from RoPE on text
+        preserves_text_prior=lambda hp: hp["grape_mode"] == "canonical" and hp["log_freq_scale"] == 1.0,
+    ),
+]:
+    register(_spec)
 
 
 def available() -> list[str]:
-    """Registry names, in the spec's order."""
-    return list(VARIANTS)
+    """Registry names, in the spec's order (then any registered later)."""
+    return list(ENCODINGS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,25 +289,18 @@ class Encoding:
     t row, mhrope with NoPE heads, grape learned modes or a rescaled GRAPE spectrum).
     """
 
-    def __init__(self, variant: Variant, hparams: dict[str, Any]) -> None:
-        self.name = variant.name
-        self.allocation = variant.allocation
+    def __init__(self, spec: EncodingSpec, hparams: dict[str, Any]) -> None:
+        self.name = spec.name
+        self.allocation = spec.allocation
         self.hparams = hparams
-        self._variant = variant
-        self.design: PositionDesign = DESIGNS[variant.name](**{k: hparams[k] for k in variant.position_keys})
+        self.spec = spec
+        self.design: PositionDesign = spec.design(**{k: hparams[k] for k in spec.position_keys})
         self.is_1d = self.design.is_1d
         self._rotaries: dict[tuple[Any, ...], Rotary] = {}
 
     @property
     def preserves_text_prior(self) -> bool:
-        hp = self.hparams
-        if self.name == "hope":
-            return False
-        if self.name == "mhrope":
-            return sum(hp["mrope_section"]) == hp["num_key_value_heads"]
-        if self.name == "grape":
-            return hp["grape_mode"] == "canonical" and hp["log_freq_scale"] == 1.0
-        return True
+        return self.spec.preserves_text_prior(self.hparams)
 
     def __repr__(self) -> str:
         return f"Encoding({self.name!r}, allocation={self.allocation!r}, hparams={self.hparams})"
@@ -422,16 +385,13 @@ class Encoding:
         """
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
-        if not _is_number(rope_theta) or rope_theta <= 0:
+        if not is_number(rope_theta) or rope_theta <= 0:
             raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
-        if not _is_number(partial_rotary_factor) or not 0 < partial_rotary_factor <= 1:
+        if not is_number(partial_rotary_factor) or not 0 < partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {partial_rotary_factor!r}")
-        if num_key_value_heads is not None and self.name == "mhrope":
-            if num_key_value_heads != self.hparams["num_key_value_heads"]:
-                raise ValueError(
-                    f"num_key_value_heads: mhrope was built for {self.hparams['num_key_value_heads']} KV heads but the "
-                    f"model has {num_key_value_heads}"
-                )
+        if num_key_value_heads is not None and self.spec.fits is not None:
+            geometry = _RotaryGeometry(head_dim, rope_theta, partial_rotary_factor, num_key_value_heads)
+            self.spec.fits(self.hparams, geometry)
         key = (head_dim, rope_theta, partial_rotary_factor, num_key_value_heads)
         if key not in self._rotaries:
             from .frequencies import ALLOCATION_KEYS, make_rotary  # lazy: positions need no frequencies
@@ -464,6 +424,55 @@ class Encoding:
         )
         return rotary(pos_3BL)
 
+    def fits(self, geometry: Geometry) -> None:
+        """Raise `EncodingMisfit` when this encoding cannot run on a text model with this attention geometry: the
+        entry's own check (MHRoPE's KV heads), sections that must partition the rotary pairs (head_dim x
+        partial_rotary_factor / 2: 32 on real Qwen3.5) but do not, or anything the rotary module rejects (GRAPE's
+        block sizes, ...). Interleaved sections are not checked, like transformers' own interleaved MRoPE (larger
+        sections are truncated by the rule: [24, 20, 20] acts as [11, 11, 10] at 32 pairs)."""
+        from .frequencies import ALLOCATION_TABLE
+
+        hp = self.hparams
+        num_pairs = geometry.num_rotary_pairs
+        where = (
+            f"the model rotates {num_pairs} pairs (head_dim {geometry.head_dim} x partial_rotary_factor "
+            f"{geometry.partial_rotary_factor:g} / 2)"
+        )
+        if self.spec.fits is not None:
+            self.spec.fits(hp, geometry)
+        partitions = ALLOCATION_TABLE[self.allocation].partitions(hp) and "mrope_section" in hp
+        if partitions and sum(hp["mrope_section"]) != num_pairs:
+            raise EncodingMisfit(
+                "mrope_section",
+                f"{list(hp['mrope_section'])} gives the {self.allocation} allocation {sum(hp['mrope_section'])} "
+                f"pairs but {where}; e.g. {chunked_sections(num_pairs)}",
+            )
+        try:
+            self.rotary(
+                head_dim=geometry.head_dim,
+                rope_theta=geometry.rope_theta,
+                partial_rotary_factor=geometry.partial_rotary_factor,
+                num_key_value_heads=geometry.num_key_value_heads,
+            )
+        except ValueError as e:
+            word = str(e).split(" ", 1)[0].rstrip(":")
+            raise EncodingMisfit(word if word in hp else None, f"{e} ({where})") from e
+
+
+@dataclass(frozen=True)
+class _RotaryGeometry:
+    """The geometry `Encoding.rotary` is given, for the entry's `fits` hook."""
+
+    head_dim: int
+    rope_theta: float
+    partial_rotary_factor: float
+    num_key_value_heads: int
+
+    @property
+    def num_rotary_pairs(self) -> int:
+        dim = int(self.head_dim * self.partial_rotary_factor)
+        return max(2, dim - dim % 2) // 2
+
 
 def build(name: str, **hparams: Any) -> Encoding:
     """Encoding `name` with spec defaults overridden by `hparams`.
@@ -471,16 +480,16 @@ def build(name: str, **hparams: Any) -> Encoding:
     Raises ValueError naming the offending name/key: unknown name, unknown hyperparameter for this name, or an
     invalid value (e.g. `mrope_section` not 3 positive ints, `alpha` outside [0, 1] and != -1).
     """
-    if name not in VARIANTS:
+    if name not in ENCODINGS:
         raise ValueError(f"unknown encoding name {name!r}; available: {available()}")
-    variant = VARIANTS[name]
-    unknown = sorted(set(hparams) - set(variant.defaults))
+    spec = ENCODINGS[name]
+    unknown = sorted(set(hparams) - set(spec.defaults))
     if unknown:
         raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for encoding {name!r}; accepted: {sorted(variant.defaults)}"
+            f"unknown hyperparameter(s) {unknown} for encoding {name!r}; accepted: {sorted(spec.defaults)}"
         )
-    merged = {**variant.defaults, **hparams}
-    checked = {key: _VALIDATORS[key](key, value) for key, value in merged.items()}
-    if variant.extra_check is not None:
-        variant.extra_check(checked)
-    return Encoding(variant, checked)
+    merged = {**spec.defaults, **hparams}
+    checked = {key: spec.validator(key)(key, value) for key, value in merged.items()}
+    if spec.check is not None:
+        spec.check(checked)
+    return Encoding(spec, checked)

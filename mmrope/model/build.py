@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from mmrope.encodings.frequencies.allocations import chunked_sections
 from mmrope.model.config import ModelConfig, TinyModelConfig
 from mmrope.model.families import FAMILIES, family_of
 from mmrope.model.families import tiny_config as family_tiny_config
@@ -109,7 +110,7 @@ def compose_vlm(
         )
     text = llm_config.to_dict()
     rope = dict(text.get("rope_parameters") or {"rope_type": "default", "rope_theta": llm_config.rope_theta})
-    rope["mrope_section"] = vlm_config.text_config.rope_parameters.get("mrope_section", [16, 24, 24])
+    rope["mrope_section"] = vlm_config.text_config.rope_parameters.get("mrope_section", chunked_sections(64))
     text["rope_parameters"] = rope
     text["vocab_size"] = max(llm_config.vocab_size, vlm_config.text_config.vocab_size)
     for k in ("architectures", "model_type", "transformers_version"):

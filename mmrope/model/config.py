@@ -15,8 +15,21 @@ from mmrope.model.families import FAMILIES
 
 MODEL_KINDS = ("tiny", "pretrained", "composed")
 MODEL_FAMILIES = tuple(FAMILIES)  # qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe
-COMPOSED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # ViT + connector of a VLM, LLM of a plain causal LM
+# ViT + connector of a VLM, LLM of a plain causal LM: qwen2_5_vl qwen3_vl
+COMPOSED_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.composable)
 ATTN_BACKENDS = PACKED_BACKENDS  # one list, owned by mmrope.attention
+
+
+# Field metadata: a field whose value must match the checkpoint's to resume (changing it changes what the checkpoint
+# means); `mmrope.train.config.resume_keys()` collects them, `mmrope.train.checkpoint` fingerprints them.
+MUST_MATCH = {"resume": "must_match"}
+
+
+def must_match(default: Any = None, *, factory: Any = None) -> Any:
+    """A dataclass field marked resume-relevant (`MUST_MATCH`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=MUST_MATCH)
+    return field(default=default, metadata=MUST_MATCH)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -34,19 +47,19 @@ class TinyModelConfig:
 
     # head_dim 128 like every real Qwen-VL, so the shipped rope configs ([16,24,24] = 64 rotary pairs) fit as is.
     hidden_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    intermediate_size: int = 512
-    rope_theta: float = 1_000_000.0
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_num_heads: int = 2
-    vision_intermediate_size: int = 64
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    tie_word_embeddings: bool = True
+    num_hidden_layers: int = 2  # LLM decoder layers (Qwen3.5: delta-net and attention alternate)
+    num_attention_heads: int = 2  # query heads: head_dim = hidden_size / num_attention_heads
+    num_key_value_heads: int = 1  # KV heads (GQA); mhrope needs its rope.hparams.num_key_value_heads equal
+    intermediate_size: int = 512  # dense MLP width (MoE experts: a quarter of it)
+    rope_theta: float = 1_000_000.0  # rotary base, as Qwen2.5-7B
+    vision_depth: int = 2  # ViT blocks
+    vision_hidden_size: int = 32  # ViT width
+    vision_num_heads: int = 2  # ViT attention heads
+    vision_intermediate_size: int = 64  # ViT MLP width
+    patch_size: int = 14  # ViT patch side in pixels, as every Qwen-VL
+    temporal_patch_size: int = 2  # frames per temporal patch
+    spatial_merge_size: int = 2  # 2x2 patches merge into one LLM token
+    tie_word_embeddings: bool = True  # LM head shares the embedding matrix
 
     def __post_init__(self) -> None:
         _require(
@@ -70,28 +83,32 @@ class TinyModelConfig:
 class FreezeConfig:
     """Which module groups train. Paper default: ViT frozen; connector and LLM (with lm_head) trained."""
 
-    vision: bool = True
-    connector: bool = False
-    llm: bool = False
-    lm_head: bool = False
+    vision: bool = True  # freeze the ViT (the paper recipe)
+    connector: bool = False  # freeze the merger / connector (the paper trains it)
+    llm: bool = False  # freeze the LLM decoder (the paper trains it)
+    lm_head: bool = False  # freeze the LM head (tied to the embeddings in the tiny model)
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "tiny"  # tiny | pretrained (one local VLM checkpoint) | composed (ViT+connector from one, LLM from another)
-    family: str = "qwen2_5_vl"  # qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5 | qwen3_5_moe
-    path: str | None = None  # kind=pretrained: local VLM checkpoint directory
-    vision_path: str | None = (
-        None  # kind=composed: local VLM checkpoint providing ViT + connector (+ processor)
-    )
-    llm_path: str | None = None  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
+    """The VLM to train. `kind`: tiny (built from config with the real classes, the embedded default) | pretrained
+    (one local VLM checkpoint) | composed (ViT + connector from one, LLM from another)."""
+
+    kind: str = must_match("tiny")
+    family: str = must_match(
+        "qwen2_5_vl"
+    )  # qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5 | qwen3_5_moe
+    path: str | None = must_match(None)  # kind=pretrained: local VLM checkpoint directory
+    vision_path: str | None = must_match(
+        None
+    )  # kind=composed: local VLM checkpoint: ViT + connector (+ processor)
+    llm_path: str | None = must_match(None)  # kind=composed: local LLM checkpoint (e.g. Qwen2.5-7B)
     tokenizer_path: str | None = None  # default: the checkpoint's (or the locally built tiny tokenizer)
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tiny: TinyModelConfig = must_match(factory=TinyModelConfig)  # kind=tiny: its sizes
     attn_backend: str = "auto"  # auto: torch's varlen FlashAttention on CUDA (bf16), per-sample SDPA on CPU
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    activation_checkpointing: str = (
-        "none"  # none | all | every_k | first_n (LLM decoder layers; the frozen ViT stores nothing)
-    )
+    freeze: FreezeConfig = must_match(factory=FreezeConfig)  # which module groups train
+    # none | all | every_k | first_n (LLM decoder layers; the frozen ViT stores nothing)
+    activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
     # with first_n: checkpoint layers 0..n-1, keep the rest's activations
     activation_checkpointing_layers: int = 0

@@ -16,20 +16,138 @@ linear-attention (gated delta-net) layers. Architecture only: no DeepSpeed, no d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import transformers
 
+from mmrope.encodings.frequencies.allocations import chunked_sections, interleaved_sections
+from mmrope.encodings.registry import EncodingMisfit
+
+__all__ = [
+    "FAMILIES",
+    "EncodingMisfit",
+    "Family",
+    "TextGeometry",
+    "check_encoding",
+    "family_of",
+    "tiny_config",
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny-config hooks: what a family adds to the shared tiny text / vision config (small fixed values)
+
+
+def _no_text_extras(text: dict[str, Any], tiny: Any, head_dim: int) -> None:
+    pass
+
+
+def _moe_text(text: dict[str, Any], tiny: Any, head_dim: int) -> None:
+    """4 experts, 2 per token, expert width intermediate_size / 4."""
+    text.update(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=max(1, tiny.intermediate_size // 4)
+    )
+
+
+def _delta_net_text(text: dict[str, Any], tiny: Any, head_dim: int) -> None:
+    """Gated delta-net and full-attention layers alternate (full_attention_interval 2; the checkpoints use 4),
+    delta-net heads 2 key / 4 value of size head_dim / 16 (at least 8)."""
+    text.update(
+        layer_types=[
+            "linear_attention" if i % 2 == 0 else "full_attention" for i in range(tiny.num_hidden_layers)
+        ],
+        linear_conv_kernel_dim=4,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=max(8, head_dim // 16),
+        linear_value_head_dim=max(8, head_dim // 16),
+    )
+
+
+def _delta_net_moe_text(text: dict[str, Any], tiny: Any, head_dim: int) -> None:
+    """Qwen3.5-MoE: MoE with a shared expert of the expert width in every layer (no dense MLP), delta-net layers."""
+    _moe_text(text, tiny, head_dim)
+    text["shared_expert_intermediate_size"] = max(1, tiny.intermediate_size // 4)
+    del text["intermediate_size"]  # every Qwen3.5-MoE layer is sparse
+    _delta_net_text(text, tiny, head_dim)
+
+
+def _vision_common(tiny: Any) -> dict[str, Any]:
+    return dict(
+        patch_size=tiny.patch_size,
+        temporal_patch_size=tiny.temporal_patch_size,
+        spatial_merge_size=tiny.spatial_merge_size,
+        depth=tiny.vision_depth,
+        num_heads=tiny.vision_num_heads,
+    )
+
+
+def _qwen2_vision(tiny: Any) -> dict[str, Any]:
+    return dict(
+        _vision_common(tiny),
+        embed_dim=tiny.vision_hidden_size,
+        mlp_ratio=max(1, tiny.vision_intermediate_size // tiny.vision_hidden_size),
+        hidden_size=tiny.hidden_size,  # Qwen2-VL calls the connector's output width hidden_size
+    )
+
+
+def _qwen2_5_vision(tiny: Any) -> dict[str, Any]:
+    return dict(
+        _vision_common(tiny),
+        hidden_size=tiny.vision_hidden_size,
+        intermediate_size=tiny.vision_intermediate_size,
+        out_hidden_size=tiny.hidden_size,
+        fullatt_block_indexes=[tiny.vision_depth - 1],
+        window_size=112,
+    )
+
+
+def _qwen3_vision(tiny: Any) -> dict[str, Any]:
+    return dict(
+        _vision_common(tiny),
+        hidden_size=tiny.vision_hidden_size,
+        intermediate_size=tiny.vision_intermediate_size,
+        out_hidden_size=tiny.hidden_size,
+        num_position_embeddings=64,
+    )
+
+
+def _qwen3_deepstack_vision(tiny: Any) -> dict[str, Any]:
+    return dict(_qwen3_vision(tiny), deepstack_visual_indexes=[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one row per family
+
 
 @dataclass(frozen=True)
 class Family:
+    """One `model.family`: its transformers classes and everything mmrope needs to know about it. A new family is
+    one row here (plus its `configs/model/<name>.yaml` to ship a checkpoint config)."""
+
     name: str
     class_prefix: str  # transformers' `<prefix>ForConditionalGeneration` / `<prefix>Config`
     layout: str  # video token layout of the processor (mmrope.encodings LAYOUTS)
     stock_encoding: str  # the encoding whose installed logits equal the stock model's
     linear_attention: bool = False  # Qwen3.5: gated delta-net layers next to the attention layers
     moe: bool = False
+    # transformers' `mrope_interleaved` (Qwen3-VL and later): the tiny config's sections are then 24:20:20, else
+    # the chunked 16:24:24
+    interleaved_mrope: bool = False
+    # the released checkpoints' rotary fraction; the tiny config grows head_dim by its inverse (64 pairs as others)
+    partial_rotary_factor: float = 1.0
+    # Qwen2-VL and Qwen2.5-VL configs: no text `head_dim` (hidden / heads), token ids on the top-level config too
+    legacy_config: bool = False
+    composable: bool = False  # model.kind=composed: the ViT + connector of this VLM, the LLM of a causal LM
+    # FLOPs shapes (mmrope.train.flops): q_proj also emits a sigmoid output gate (Qwen3.5's gated attention);
+    # the ViT MLP is SwiGLU (Qwen2.5-VL) rather than fc1 -> gelu -> fc2
+    attn_output_gate: bool = False
+    vision_gated_mlp: bool = False
+    tiny_text: Callable[[dict[str, Any], Any, int], None] = (
+        _no_text_extras  # (text, tiny, head_dim) -> in place
+    )
+    tiny_vision: Callable[[Any], dict[str, Any]] = _qwen3_vision
 
     @property
     def model_class(self) -> type:
@@ -43,12 +161,59 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("qwen2_vl", "Qwen2VL", "qwen2", "mrope"),
-        Family("qwen2_5_vl", "Qwen2_5_VL", "qwen2_5", "mrope"),
-        Family("qwen3_vl", "Qwen3VL", "qwen3", "mrope_i"),
-        Family("qwen3_vl_moe", "Qwen3VLMoe", "qwen3", "mrope_i", moe=True),
-        Family("qwen3_5", "Qwen3_5", "qwen3", "mrope_i", linear_attention=True),
-        Family("qwen3_5_moe", "Qwen3_5Moe", "qwen3", "mrope_i", linear_attention=True, moe=True),
+        Family("qwen2_vl", "Qwen2VL", "qwen2", "mrope", legacy_config=True, tiny_vision=_qwen2_vision),
+        Family(
+            "qwen2_5_vl",
+            "Qwen2_5_VL",
+            "qwen2_5",
+            "mrope",
+            legacy_config=True,
+            composable=True,
+            vision_gated_mlp=True,
+            tiny_vision=_qwen2_5_vision,
+        ),
+        Family(
+            "qwen3_vl",
+            "Qwen3VL",
+            "qwen3",
+            "mrope_i",
+            interleaved_mrope=True,
+            composable=True,
+            tiny_vision=_qwen3_deepstack_vision,
+        ),
+        Family(
+            "qwen3_vl_moe",
+            "Qwen3VLMoe",
+            "qwen3",
+            "mrope_i",
+            moe=True,
+            interleaved_mrope=True,
+            tiny_text=_moe_text,
+            tiny_vision=_qwen3_deepstack_vision,
+        ),
+        Family(
+            "qwen3_5",
+            "Qwen3_5",
+            "qwen3",
+            "mrope_i",
+            linear_attention=True,
+            interleaved_mrope=True,
+            partial_rotary_factor=0.25,
+            attn_output_gate=True,
+            tiny_text=_delta_net_text,
+        ),
+        Family(
+            "qwen3_5_moe",
+            "Qwen3_5Moe",
+            "qwen3",
+            "mrope_i",
+            linear_attention=True,
+            moe=True,
+            interleaved_mrope=True,
+            partial_rotary_factor=0.25,
+            attn_output_gate=True,
+            tiny_text=_delta_net_moe_text,
+        ),
     )
 }
 
@@ -134,22 +299,22 @@ def tiny_config(
     """
     if family not in FAMILIES:
         raise ValueError(f"config key `model.family`: must be one of {sorted(FAMILIES)}, got {family!r}")
+    row = FAMILIES[family]
     heads = tiny.num_attention_heads
-    head_dim = tiny.hidden_size // heads
-    qwen3_5 = family in ("qwen3_5", "qwen3_5_moe")
-    if qwen3_5:
-        head_dim *= 4  # partial_rotary_factor 0.25 below: 64 rotary pairs at the default sizes
-    n = head_dim // 2 if not qwen3_5 else head_dim // 8
-    chunked = [n // 4, 3 * n // 8, n - n // 4 - 3 * n // 8]  # [16, 24, 24] at 64 pairs
-    interleaved = [n - 2 * (5 * n // 16), 5 * n // 16, 5 * n // 16]  # [24, 20, 20] at 64 pairs
+    head_dim = (
+        tiny.hidden_size // heads * round(1 / row.partial_rotary_factor)
+    )  # 64 rotary pairs at the defaults
+    num_pairs = int(head_dim * row.partial_rotary_factor) // 2
+    sections = interleaved_sections if row.interleaved_mrope else chunked_sections
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": tiny.rope_theta}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        rope["mrope_section"] = mrope_section or chunked
-    else:
-        rope["mrope_section"] = mrope_section or interleaved
+    rope["mrope_section"] = mrope_section or sections(num_pairs)
+    if row.interleaved_mrope:
         rope["mrope_interleaved"] = True
-    if qwen3_5:
-        rope["partial_rotary_factor"] = 0.25
+    if row.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = row.partial_rotary_factor
+    token_ids = dict(
+        bos_token_id=None, eos_token_id=special_ids["eos_token_id"], pad_token_id=special_ids["pad_token_id"]
+    )
     text: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=tiny.hidden_size,
@@ -160,150 +325,29 @@ def tiny_config(
         max_position_embeddings=32768,
         rope_parameters=rope,
         tie_word_embeddings=tiny.tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=special_ids["eos_token_id"],
-        pad_token_id=special_ids["pad_token_id"],
+        **token_ids,
     )
-    if family != "qwen2_vl" and family != "qwen2_5_vl":
+    if not row.legacy_config:
         text["head_dim"] = head_dim
-    if family in ("qwen3_vl_moe", "qwen3_5_moe"):
-        text.update(
-            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=max(1, tiny.intermediate_size // 4)
-        )
-        if family == "qwen3_5_moe":
-            text["shared_expert_intermediate_size"] = max(1, tiny.intermediate_size // 4)
-    if qwen3_5:
-        if family == "qwen3_5_moe":
-            del text["intermediate_size"]  # every Qwen3.5-MoE layer is sparse
-        text.update(
-            layer_types=[
-                "linear_attention" if i % 2 == 0 else "full_attention" for i in range(tiny.num_hidden_layers)
-            ],
-            linear_conv_kernel_dim=4,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=max(8, head_dim // 16),
-            linear_value_head_dim=max(8, head_dim // 16),
-        )
-    vision = _tiny_vision(family, tiny)
-    return FAMILIES[family].config_class(
+    row.tiny_text(text, tiny, head_dim)
+    return row.config_class(
         text_config=text,
-        vision_config=vision,
+        vision_config=row.tiny_vision(tiny),
         tie_word_embeddings=tiny.tie_word_embeddings,
         image_token_id=special_ids["image_token_id"],
         video_token_id=special_ids["video_token_id"],
         vision_start_token_id=special_ids["vision_start_token_id"],
         vision_end_token_id=special_ids["vision_end_token_id"],
-        **(
-            dict(
-                bos_token_id=None,
-                eos_token_id=special_ids["eos_token_id"],
-                pad_token_id=special_ids["pad_token_id"],
-            )
-            if family in ("qwen2_vl", "qwen2_5_vl")
-            else {}
-        ),
+        **(token_ids if row.legacy_config else {}),
     )
-
-
-def _tiny_vision(family: str, tiny: Any) -> dict[str, Any]:
-    common = dict(
-        patch_size=tiny.patch_size,
-        temporal_patch_size=tiny.temporal_patch_size,
-        spatial_merge_size=tiny.spatial_merge_size,
-        depth=tiny.vision_depth,
-        num_heads=tiny.vision_num_heads,
-    )
-    if family == "qwen2_vl":
-        return dict(
-            common,
-            embed_dim=tiny.vision_hidden_size,
-            mlp_ratio=max(1, tiny.vision_intermediate_size // tiny.vision_hidden_size),
-            hidden_size=tiny.hidden_size,  # Qwen2-VL calls the connector's output width hidden_size
-        )
-    if family == "qwen2_5_vl":
-        return dict(
-            common,
-            hidden_size=tiny.vision_hidden_size,
-            intermediate_size=tiny.vision_intermediate_size,
-            out_hidden_size=tiny.hidden_size,
-            fullatt_block_indexes=[tiny.vision_depth - 1],
-            window_size=112,
-        )
-    vision = dict(
-        common,
-        hidden_size=tiny.vision_hidden_size,
-        intermediate_size=tiny.vision_intermediate_size,
-        out_hidden_size=tiny.hidden_size,
-        num_position_embeddings=64,
-    )
-    if family in ("qwen3_vl", "qwen3_vl_moe"):
-        vision["deepstack_visual_indexes"] = [0]
-    return vision
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # does an encoding fit a text model?
 
 
-class EncodingMisfit(ValueError):
-    """An encoding that cannot run on a text model; `hparam` names the encoding hyperparameter to change (None
-    when the encoding as a whole does not fit)."""
-
-    def __init__(self, hparam: str | None, reason: str) -> None:
-        super().__init__(f"{hparam or 'encoding'}: {reason}")
-        self.hparam = hparam
-        self.reason = reason
-
-
-def suggested_sections(num_pairs: int, interleaved: bool = False) -> list[int]:
-    """The default section proportions at `num_pairs` pairs: chunked 16:24:24 ([8, 12, 12] at 32 pairs),
-    interleaved 24:20:20 ([12, 10, 10] at 32)."""
-    if interleaved:
-        h = 5 * num_pairs // 16
-        return [num_pairs - 2 * h, h, h]
-    t, h = num_pairs // 4, 3 * num_pairs // 8
-    return [t, h, num_pairs - t - h]
-
-
 def check_encoding(encoding: Any, geometry: TextGeometry) -> None:
     """Raise `EncodingMisfit` when `encoding` (an `mmrope.encodings.Encoding`) cannot run on a text model with
-    this attention geometry: MHRoPE's KV heads differ from the model's, chunked sections do not cover the rotary
-    pairs (head_dim x partial_rotary_factor / 2: 32 on real Qwen3.5; VideoRoPE/HoPE sections too), or anything the
-    rotary module rejects (GRAPE's block sizes, ...). Interleaved sections are not checked, like transformers' own
-    interleaved MRoPE (larger sections are truncated by the rule: [24, 20, 20] acts as [11, 11, 10] at 32 pairs)."""
-    hp = encoding.hparams
-    num_pairs = geometry.num_rotary_pairs
-    where = (
-        f"the model rotates {num_pairs} pairs (head_dim {geometry.head_dim} x partial_rotary_factor "
-        f"{geometry.partial_rotary_factor:g} / 2)"
-    )
-    if encoding.name == "mhrope" and hp["num_key_value_heads"] != geometry.num_key_value_heads:
-        raise EncodingMisfit(
-            "num_key_value_heads",
-            f"mhrope assigns whole KV heads to t/h/w and was set for {hp['num_key_value_heads']} KV heads, but the "
-            f"model has {geometry.num_key_value_heads} (mrope_section must then sum to at most that)",
-        )
-    # Allocations whose sections partition the pairs: chunked (mrope, circlerope, omnirope, canonical chunked GRAPE)
-    # and VideoRoPE/HoPE (whose layout rule with larger sections would leave t a single pair).
-    partition = encoding.allocation in ("chunked", "videorope", "hope") or (
-        encoding.name == "grape"
-        and hp["grape_mode"] == "canonical"
-        and hp["frequency_allocation"] == "chunked"
-    )
-    if partition and sum(hp["mrope_section"]) != num_pairs:
-        raise EncodingMisfit(
-            "mrope_section",
-            f"{list(hp['mrope_section'])} gives the {encoding.allocation} allocation {sum(hp['mrope_section'])} "
-            f"pairs but {where}; e.g. {suggested_sections(num_pairs)}",
-        )
-    try:
-        encoding.rotary(
-            head_dim=geometry.head_dim,
-            rope_theta=geometry.rope_theta,
-            partial_rotary_factor=geometry.partial_rotary_factor,
-            num_key_value_heads=geometry.num_key_value_heads,
-        )
-    except ValueError as e:
-        word = str(e).split(" ", 1)[0].rstrip(":")
-        raise EncodingMisfit(word if word in hp else None, f"{e} ({where})") from e
+    this attention geometry: `Encoding.fits` (the registry entry's own check, e.g. MHRoPE's KV heads; sections that
+    must cover the rotary pairs; anything the rotary module rejects)."""
+    encoding.fits(geometry)

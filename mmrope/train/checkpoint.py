@@ -38,36 +38,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmrope.train.config import resume_keys
 from mmrope.train.engine import all_reduce_values
 
 MANIFEST = "manifest.json"
 CRASH_POINTS = ("staged", "manifest", "renamed")
 LATEST = "latest"
-# Keys that must match to resume: changing any of them changes what the checkpoint means.
-RESUME_KEYS = (
-    "model.kind",
-    "model.family",
-    "model.path",
-    "model.vision_path",
-    "model.llm_path",
-    "model.tiny",
-    "model.freeze",
-    "rope",
-    "trainer.global_batch_size",
-    "trainer.micro_batch_size",
-    "data.source",
-    "data.shards",
-    "data.mixture",
-    "data.seed",
-    "data.num_slots",
-    "data.max_tokens",
-    "data.min_pixels",
-    "data.max_pixels",
-    "data.video",
-    "data.system_prompt",
-    "data.synthetic",
-    "deepspeed.stage",
-)
+# Keys that must match to resume: the schema fields marked `must_match` (mmrope/train/config.py, model/config.py).
+RESUME_KEYS = resume_keys()
 UNIVERSAL = "universal"  # step_N/universal: the DeepSpeed universal checkpoint of step_N
 
 

@@ -8,6 +8,7 @@ divide, an unknown encoding) surface before any model or data is touched, with t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -19,7 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.video import VideoSampling
-from mmrope.model.config import ModelConfig, _one_of, _require
+from mmrope.encodings.positions import LAYOUTS
+from mmrope.model.config import MUST_MATCH, ModelConfig, _one_of, _require, must_match
 from mmrope.model.families import FAMILIES
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -46,8 +48,8 @@ def rope_hparams_error(error: ValueError, name: str, hparams: dict[str, Any]) ->
 class RopeConfig:
     """The position encoding: one file per encoding in configs/rope/ (see mmrope.encodings.build)."""
 
-    name: str = "mrope"
-    hparams: dict[str, Any] = field(default_factory=dict)
+    name: str = "mrope"  # a registry name (mmrope.encodings.available()), = configs/rope/<name>.yaml
+    hparams: dict[str, Any] = field(default_factory=dict)  # overrides of the registry entry's defaults
     dipe: bool = False  # DIPE inter-modal anchoring on top of any 3-axis encoding
     layout: str | None = (
         None  # video token layout: qwen2 | qwen2_5 (contiguous) | qwen3 (per frame); None = from model.family
@@ -59,10 +61,10 @@ class RopeConfig:
         _one_of(self.name, tuple(available()), "rope.name")
         self.encoding()  # hyperparameter names and values (the fit to the model's heads: validate())
         if self.layout is not None:
-            _one_of(self.layout, ("qwen2", "qwen2_5", "qwen3"), "rope.layout")
+            _one_of(self.layout, LAYOUTS, "rope.layout")
         if self.dipe:
             _require(
-                self.name not in ("vanilla", "v2pe"),
+                not self.encoding().is_1d,
                 "rope.dipe",
                 f"DIPE needs a 3-axis encoding; {self.name!r} is 1D",
             )
@@ -81,37 +83,42 @@ class RopeConfig:
 class SyntheticConfig:
     """The generated SFT set of the embedded default (written once as webdataset shards)."""
 
-    num_samples: int = 3000
-    samples_per_shard: int = 500
-    min_image_size: int = 56
+    num_samples: int = 3000  # records generated
+    samples_per_shard: int = 500  # records per .tar shard
+    min_image_size: int = 56  # image side range in pixels (each image drawn in it)
     max_image_size: int = 140
-    seed: int = 0
+    seed: int = 0  # of the generated content (not of the stream order: data.seed)
 
 
 @dataclass
 class DataConfig:
-    source: str = (
-        "synthetic"  # synthetic (generated, or data.shards if given) | shards (data.shards or mixture)
-    )
-    shards: list[str] = field(default_factory=list)  # webdataset URLs (brace notation ok); empty = synthetic
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The SFT stream. Defaults are the real-data recipe (32K packed rows, Qwen2.5-VL's pixel range);
+    configs/data/synthetic.yaml shrinks them for the embedded tiny run."""
+
+    # synthetic (generated, or data.shards if given) | shards (data.shards or mixture)
+    source: str = must_match("synthetic")
+    # webdataset URLs (brace notation ok); empty = synthetic
+    shards: list[str] = must_match(factory=list)
+    synthetic: SyntheticConfig = must_match(
+        factory=SyntheticConfig
+    )  # data.source=synthetic: what is generated
     cache_dir: str = ".cache"  # generated shards, the locally built tokenizer, indexes of read-only shards
-    max_tokens: int = 32768  # packing budget per row
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
-    video: VideoSampling = field(default_factory=VideoSampling)
-    system_prompt: str | None = None
+    max_tokens: int = must_match(32768)  # packing budget per row
+    min_pixels: int = must_match(56 * 56)  # image resize range in pixels (Qwen2.5-VL's processor defaults)
+    max_pixels: int = must_match(28 * 28 * 1280)
+    video: VideoSampling = must_match(factory=VideoSampling)  # how video files are sampled (data/video.py)
+    system_prompt: str | None = must_match(None)  # None: the chat template's default
     shuffle_buffer: int = 256  # record references per slot (nothing is read while a record waits here)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank
     # Virtual slots (data/loader.py): the stream position is theirs, so a run resumes exactly on any world size
     # and num_workers whose product divides num_slots. Fixed for a run.
-    num_slots: int = 8
+    num_slots: int = must_match(8)
     error_policy: str = "skip"  # raise | skip (eval data always raises)
-    max_skip_fraction: float = 0.05
-    seed: int = 0
+    max_skip_fraction: float = 0.05  # abort once more than this fraction of records was skipped
+    seed: int = must_match(0)  # of the stream order (shard permutation, shuffle, mixture draws)
     # Weighted sources instead of `shards`: [{shards: [urls...], weight: 0.7}, ...]; each record is drawn from
     # a source chosen by a seeded weighted draw (deterministic, resumable), each source cycles its own epochs.
-    mixture: list[Any] = field(default_factory=list)
+    mixture: list[Any] = must_match(factory=list)
 
     def __post_init__(self) -> None:
         _one_of(self.source, ("synthetic", "shards"), "data.source")
@@ -148,9 +155,11 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = 2
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    """The DeepSpeed engine; batch sizes, clipping and precision are filled in from trainer.* at run time."""
+
+    stage: int = must_match(2)  # ZeRO stage 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer state in CPU memory
+    offload_param: bool = False  # parameters in CPU memory (stage 3 only)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
     def __post_init__(self) -> None:
@@ -161,13 +170,16 @@ class DeepSpeedConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 3e-6
-    warmup_steps: int = 0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
+    """AdamW with linear warmup and cosine decay. Defaults are the paper recipe (7B: 1e-5 -> 3e-6, betas (0.9,
+    0.98), wd 0.05); configs/trainer/default.yaml sets the tiny random-init run's (2e-3 -> 2e-4, 10 warmup)."""
+
+    lr: float = 1e-5  # peak learning rate
+    min_lr: float = 3e-6  # end of the cosine decay
+    warmup_steps: int = 0  # linear warmup from 0 (clamped to trainer.max_steps by validate())
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.05  # decoupled; not on biases and norms (mmrope/model/freeze.py param groups)
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "trainer.optim.lr", "must be > 0")
@@ -183,10 +195,10 @@ class OptimConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "mmrope"
+    project: str = "mmrope"  # wandb project
     mode: str = "offline"  # online | offline | disabled
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # e.g. the Hydra sweep's name (set by configs/train.yaml in a multirun)
+    tags: list[str] = field(default_factory=list)  # wandb run tags
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("online", "offline", "disabled"), "trainer.wandb.mode")
@@ -264,18 +276,21 @@ class EvalConfig:
 
 @dataclass
 class TrainerConfig:
-    run_name: str = (
-        "tiny-default"  # the run directory is output_dir/run_name: a requeued job finds its checkpoints
-    )
-    output_dir: str = "runs"
-    max_steps: int = 300
-    global_batch_size: int = 2  # packed rows per optimizer step, over all ranks and accumulation steps
-    micro_batch_size: int = 1  # packed rows per rank per forward (1: grow data.max_tokens instead)
+    # the run directory is output_dir/run_name: a requeued job finds its checkpoints
+    run_name: str = "tiny-default"
+    output_dir: str = "runs"  # parent of every run directory
+    max_steps: int = 300  # optimizer steps
+    global_batch_size: int = must_match(
+        2
+    )  # packed rows per optimizer step, over all ranks and accumulation steps
+    micro_batch_size: int = must_match(
+        1
+    )  # packed rows per rank per forward (1: grow data.max_tokens instead)
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 100
-    keep_last: int = 2
+    seed: int = 0  # model init (tiny) and training RNG
+    log_every: int = 10  # optimizer steps between progress lines / metrics
+    save_every: int = 100  # optimizer steps between checkpoints
+    keep_last: int = 2  # committed checkpoints kept
     resume: str = "auto"  # auto | must | never
     optim: OptimConfig = field(default_factory=OptimConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -346,7 +361,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig, metadata=MUST_MATCH)  # the whole encoding
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -376,6 +391,29 @@ class TrainConfig:
 
     def rope_layout(self) -> str:
         return self.rope.layout or FAMILIES[self.model.family].layout
+
+
+def resume_keys(schema: Any = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of the fields marked resume-relevant (`must_match` / `MUST_MATCH` metadata): they must match the
+    checkpoint's to resume; a marked dataclass field counts as a whole (e.g. `model.tiny`, `rope`)."""
+    schema = TrainConfig() if schema is None else schema
+    keys: list[str] = []
+    for f in dataclasses.fields(schema):
+        value = getattr(schema, f.name)
+        if f.metadata.get("resume") == "must_match":
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(value):
+            keys.extend(resume_keys(value, f"{prefix}{f.name}."))
+    return tuple(keys)
+
+
+def register_rope_config(name: str) -> None:
+    """Make `rope=<name>` selectable without a `configs/rope/<name>.yaml`: a config node with the registry entry's
+    defaults (an encoding registered from code, e.g. a test's toy one). The shipped encodings have their YAML."""
+    from mmrope.encodings.registry import ENCODINGS
+
+    node = {"name": name, "hparams": dict(ENCODINGS[name].defaults)}
+    ConfigStore.instance().store(group="rope", name=name, node=node)
 
 
 def register_configs() -> None:

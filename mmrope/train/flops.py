@@ -331,7 +331,7 @@ def shapes_from_hf_config(config) -> tuple[LLMShape, ViTShape]:
             moe_layers = sum(1 for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
         else:  # Qwen3.5-MoE: every layer
             moe_layers = num_layers
-    model_type = str(getattr(config, "model_type", ""))
+    family = _family(config, vision)
     llm = LLMShape(
         num_layers=num_layers,
         hidden=text.hidden_size,
@@ -340,7 +340,7 @@ def shapes_from_hf_config(config) -> tuple[LLMShape, ViTShape]:
         num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         vocab=text.vocab_size,
-        attn_output_gate=model_type.startswith("qwen3_5"),
+        attn_output_gate=family.attn_output_gate,
         num_linear_layers=layer_types.count("linear_attention"),
         linear_num_k_heads=getattr(text, "linear_num_key_heads", 0) or 0,
         linear_num_v_heads=getattr(text, "linear_num_value_heads", 0) or 0,
@@ -353,7 +353,6 @@ def shapes_from_hf_config(config) -> tuple[LLMShape, ViTShape]:
         shared_expert_intermediate=getattr(text, "shared_expert_intermediate_size", 0) or 0,
     )
 
-    model_type = str(getattr(vision, "model_type", ""))
     if hasattr(vision, "embed_dim"):  # Qwen2-VL: embed_dim is the ViT width, hidden_size the LLM's
         vit_hidden = vision.embed_dim
         intermediate = int(vit_hidden * vision.mlp_ratio)
@@ -363,8 +362,7 @@ def shapes_from_hf_config(config) -> tuple[LLMShape, ViTShape]:
         vit_hidden = vision.hidden_size
         intermediate = vision.intermediate_size
         out_hidden = vision.out_hidden_size
-        # Qwen2.5-VL's vision MLP is SwiGLU; Qwen3-VL's is fc1 -> gelu -> fc2.
-        gated = "qwen2_5" in model_type or hasattr(vision, "fullatt_block_indexes")
+        gated = family.vision_gated_mlp  # Qwen2.5-VL's vision MLP is SwiGLU; Qwen3-VL's is fc1 -> gelu -> fc2
     fullatt = tuple(getattr(vision, "fullatt_block_indexes", None) or ())
     window_size = getattr(vision, "window_size", None) if fullatt else None
     vit = ViTShape(
@@ -383,6 +381,21 @@ def shapes_from_hf_config(config) -> tuple[LLMShape, ViTShape]:
         num_deepstack_mergers=len(getattr(vision, "deepstack_visual_indexes", None) or ()),
     )
     return llm, vit
+
+
+def _family(config, vision):
+    """The `mmrope.model.families` row of a config: its `model_type`, else its vision config's (`<family>_vision`;
+    a flat config has no top-level type)."""
+    from mmrope.model.families import FAMILIES
+
+    for model_type in (getattr(config, "model_type", None), getattr(vision, "model_type", None)):
+        name = str(model_type or "").removesuffix("_vision")
+        if name in FAMILIES:
+            return FAMILIES[name]
+    raise ValueError(
+        f"config: model_type {getattr(config, 'model_type', None)!r} (vision {getattr(vision, 'model_type', None)!r}) "
+        f"is not one of mmrope's families {sorted(FAMILIES)}"
+    )
 
 
 def _scalar(value) -> int:

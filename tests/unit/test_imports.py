@@ -3,7 +3,10 @@
 - no import circle between the project's modules (a lazy import inside a function still ties two modules
   together: it only hides the circle until the day someone moves it to the top);
 - model code is architecture only: `mmrope/model/` imports nothing from training, evaluation or data;
-- `mmrope/encodings` is pure torch: no transformers, DeepSpeed or data.
+- `mmrope/encodings` is pure torch: no transformers, DeepSpeed or data;
+- `data` knows no model and no trainer: it imports nothing from `mmrope.model` or `mmrope.train`;
+- `mmrope.eval` knows exports, not the trainer: it imports nothing from `mmrope.train` (a training checkpoint is
+  exported by `python -m mmrope.train.export` in a subprocess first).
 """
 
 from __future__ import annotations
@@ -101,6 +104,42 @@ def test_model_code_imports_no_training_evaluation_or_data():
     assert not bad, sorted(bad)
 
 
+def forbidden_edges(
+    graph: dict[str, set[str]], importer: str, imported: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """(module, dependency) pairs where a module of package `importer` imports one of `imported` (lazily too)."""
+    return sorted(
+        (name, dep)
+        for name, deps in graph.items()
+        if name == importer or name.startswith(importer + ".")
+        for dep in deps
+        if any(dep == p or dep.startswith(p + ".") for p in imported)
+    )
+
+
+def test_data_imports_no_model_and_no_trainer():
+    assert not forbidden_edges(import_graph(), "data", ("mmrope.model", "mmrope.train"))
+
+
+def test_eval_imports_no_trainer():
+    assert not forbidden_edges(import_graph(), "mmrope.eval", ("mmrope.train",))
+
+
+def test_the_rules_can_fail():
+    """The same check on a graph with the edges the rules forbid (a lazy import counts like any other)."""
+    graph = {
+        "data.processor": {"mmrope.model.config"},
+        "mmrope.eval.probe": {"mmrope.train.export", "mmrope"},
+    }
+    assert forbidden_edges(graph, "data", ("mmrope.model", "mmrope.train")) == [
+        ("data.processor", "mmrope.model.config")
+    ]
+    assert forbidden_edges(graph, "mmrope.eval", ("mmrope.train",)) == [
+        ("mmrope.eval.probe", "mmrope.train.export")
+    ]
+    assert forbidden_edges({"mmrope.evaluation": {"mmrope.train"}}, "mmrope.eval", ("mmrope.train",)) == []
+
+
 def test_encodings_are_pure_torch():
     for path in (ROOT / "mmrope" / "encodings").rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -111,19 +150,6 @@ def test_encodings_are_pure_torch():
             n for n in names if n.startswith(("mmrope.", "mmrope")) and not n.startswith("mmrope.encodings")
         ]
         assert not heavy, (path, heavy)
-
-
-def test_evaluation_imports_nothing_from_training():
-    """`eval` knows exports, not the trainer: it runs `python -m mmrope.train.export` as a subprocess instead."""
-    graph = import_graph()
-    bad = {
-        (name, dep)
-        for name, deps in graph.items()
-        if name.startswith("mmrope.eval")
-        for dep in deps
-        if dep.startswith("mmrope.train")
-    }
-    assert not bad, sorted(bad)
 
 
 def test_the_lmms_eval_entry_point_is_light():

@@ -14,10 +14,13 @@ __all__ = [
     "NOPE",
     "T",
     "W",
+    "MULTIHEAD_SECTION",
     "check_sections",
     "chunked_axes",
+    "chunked_sections",
     "cyclic_axes",
     "interleaved_axes",
+    "interleaved_sections",
     "lumos_axes",
     "multihead_axes",
     "pattern",
@@ -29,6 +32,24 @@ NOPE = -1
 _LETTERS = {T: "T", H: "H", W: "W", NOPE: "N"}
 # Lumos-1 MM-RoPE meta component (distributed 2:3:3), repeated every 8 pairs.
 _LUMOS_META = (T, T, H, W, H, W, H, W)
+
+
+def chunked_sections(num_pairs: int) -> list[int]:
+    """The chunked default 16:24:24 at `num_pairs` pairs (t and h rounded down, w the rest): [16, 24, 24] at 64
+    (spec 4 (c): mrope, circlerope, omnirope, videorope, hope, lumos, grape), [8, 12, 12] at 32."""
+    t, h = num_pairs // 4, 3 * num_pairs // 8
+    return [t, h, num_pairs - t - h]
+
+
+def interleaved_sections(num_pairs: int) -> list[int]:
+    """The interleaved default 24:20:20 at `num_pairs` pairs (h and w rounded down, t the rest): [24, 20, 20] at 64
+    (spec 4 (c): mrope_i, ilrope; what Qwen3-VL ships), [12, 10, 10] at 32."""
+    h = 5 * num_pairs // 16
+    return [num_pairs - 2 * h, h, h]
+
+
+# MHRoPE's default counts KV heads, not pairs: t 2, h 3, w 3 of 8 KV heads (spec 4.4 (c)).
+MULTIHEAD_SECTION = [2, 3, 3]
 
 
 def check_sections(mrope_section: Sequence[int], key: str = "mrope_section") -> list[int]:

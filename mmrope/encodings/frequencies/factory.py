@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from ..knobs import KNOBS
 from .allocations import (
+    MULTIHEAD_SECTION,
     chunked_axes,
+    chunked_sections,
     cyclic_axes,
     interleaved_axes,
+    interleaved_sections,
     lumos_axes,
     multihead_axes,
     videorope_axes,
@@ -16,68 +22,123 @@ from .core import Rotary, rotary_dim
 from .grape import LearnedGrapeRotary
 from .rotary import GrapeCanonicalRotary, HopeRotary, MultiHeadRotary, OneDRotary, PairAxisRotary
 
-__all__ = ["ALLOCATIONS", "DEFAULT_SECTIONS", "make_rotary"]
+__all__ = [
+    "ALLOCATIONS",
+    "ALLOCATION_KEYS",
+    "ALLOCATION_TABLE",
+    "DEFAULT_SECTIONS",
+    "Allocation",
+    "make_rotary",
+]
 
-ALLOCATIONS = ("1d", "chunked", "interleaved", "multihead", "videorope", "hope", "lumos", "grape")
+GRAPE_MODES = ("canonical", "axis", "mixed", "block_mixed")
 
+# What every builder receives: the rotary pairs' sections (None where the allocation has none), the number of
+# rotary pairs, the model geometry (head_dim, rope_theta, partial_rotary_factor) and the allocation's knobs.
+Builder = Callable[[list[int] | None, int, dict[str, Any], dict[str, Any]], Rotary]
+
+
+def _always(opts: dict[str, Any]) -> bool:
+    return True
+
+
+def _never(opts: dict[str, Any]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One frequency allocation: the knobs it reads, its default sections (spec 4 (c)), its builder, and whether
+    its sections must partition the model's rotary pairs (checked against a model by `Encoding.fits`)."""
+
+    name: str
+    keys: frozenset[str]
+    build: Builder
+    default_section: list[int] | None = None
+    # chunked sections partition the pairs; VideoRoPE/HoPE's layout rule with larger sections would leave t a
+    # single pair; interleaved sections are truncated by the rule like transformers' own interleaved MRoPE.
+    partitions: Callable[[dict[str, Any]], bool] = _never
+
+
+def _chunked(section, num_pairs, geometry, opts) -> Rotary:
+    return PairAxisRotary(chunked_axes(section, num_pairs), allocation="chunked", **geometry)
+
+
+def _interleaved(section, num_pairs, geometry, opts) -> Rotary:
+    return PairAxisRotary(interleaved_axes(section, num_pairs), allocation="interleaved", **geometry)
+
+
+def _lumos(section, num_pairs, geometry, opts) -> Rotary:
+    return PairAxisRotary(lumos_axes(num_pairs), allocation="lumos", **geometry)
+
+
+def _videorope_like(cls: type[PairAxisRotary], allocation: str) -> Builder:
+    def build(section, num_pairs, geometry, opts) -> Rotary:
+        layout = opts.get("frequency_layout", "package")
+        rotary = cls(videorope_axes(section, num_pairs, layout), allocation=allocation, **geometry)
+        rotary.frequency_layout = layout
+        return rotary
+
+    return build
+
+
+def _multihead(section, num_pairs, geometry, opts) -> Rotary:
+    return MultiHeadRotary(multihead_axes(section, opts.get("num_key_value_heads", 8)), **geometry)
+
+
+def _grape_partitions(opts: dict[str, Any]) -> bool:
+    return opts.get("grape_mode", "canonical") == "canonical" and opts.get(
+        "frequency_allocation", "chunked"
+    ) == ("chunked")
+
+
+_GRAPE_KEYS = frozenset(
+    {
+        "mrope_section",
+        "log_freq_scale",
+        "frequency_allocation",
+        "grape_mode",
+        "num_planes",
+        "block_size",
+        "planes_per_block",
+        "rope_init",
+        "learnable",
+    }
+)
+_VIDEOROPE_KEYS = frozenset({"mrope_section", "frequency_layout"})
+
+ALLOCATION_TABLE: dict[str, Allocation] = {
+    a.name: a
+    for a in (
+        Allocation("1d", frozenset(), lambda section, num_pairs, geometry, opts: OneDRotary(**geometry)),
+        Allocation("chunked", frozenset({"mrope_section"}), _chunked, chunked_sections(64), _always),
+        Allocation("interleaved", frozenset({"mrope_section"}), _interleaved, interleaved_sections(64)),
+        Allocation(
+            "multihead", frozenset({"mrope_section", "num_key_value_heads"}), _multihead, MULTIHEAD_SECTION
+        ),
+        Allocation(
+            "videorope",
+            _VIDEOROPE_KEYS,
+            _videorope_like(PairAxisRotary, "videorope"),
+            chunked_sections(64),
+            _always,
+        ),
+        Allocation(
+            "hope", _VIDEOROPE_KEYS, _videorope_like(HopeRotary, "hope"), chunked_sections(64), _always
+        ),
+        Allocation("lumos", frozenset(), _lumos),
+        Allocation("grape", _GRAPE_KEYS, lambda *a: _make_grape(*a), chunked_sections(64), _grape_partitions),
+    )
+}
+ALLOCATIONS = tuple(ALLOCATION_TABLE)
 # Spec section 4 (c) defaults, used when `mrope_section` is not given.
 DEFAULT_SECTIONS: dict[str, list[int]] = {
-    "chunked": [16, 24, 24],
-    "interleaved": [24, 20, 20],
-    "multihead": [2, 3, 3],
-    "videorope": [16, 24, 24],
-    "hope": [16, 24, 24],
-    "grape": [16, 24, 24],
+    a.name: a.default_section for a in ALLOCATION_TABLE.values() if a.default_section is not None
 }
-
 # Knobs each allocation reads. Other known encoding hyperparameters (position-design knobs, or e.g. lumos'
 # mrope_section which the spec says is ignored) are accepted and ignored so a registry can pass an encoding's
 # hparams through; anything else is a typo and raises.
-ALLOCATION_KEYS: dict[str, frozenset[str]] = {
-    "1d": frozenset(),
-    "chunked": frozenset({"mrope_section"}),
-    "interleaved": frozenset({"mrope_section"}),
-    "multihead": frozenset({"mrope_section", "num_key_value_heads"}),
-    "videorope": frozenset({"mrope_section", "frequency_layout"}),
-    "hope": frozenset({"mrope_section", "frequency_layout"}),
-    "lumos": frozenset(),
-    "grape": frozenset(
-        {
-            "mrope_section",
-            "log_freq_scale",
-            "frequency_allocation",
-            "grape_mode",
-            "num_planes",
-            "block_size",
-            "planes_per_block",
-            "rope_init",
-            "learnable",
-        }
-    ),
-}
-_POSITION_KNOBS = frozenset(
-    {
-        "mrope_section",
-        "num_key_value_heads",
-        "temporal_stride",
-        "spatial_reset",
-        "temporal_stride_lst",
-        "move_to_origin",
-        "move_to_positive",
-        "dff_rate",
-        "method",
-        "radius",
-        "alpha",
-        "visual_stride",
-        "position_scale",
-        "fixed_temporal_scale",
-        "frequency_layout",
-        "text_axes",
-    }
-)
-_KNOWN = _POSITION_KNOBS.union(*ALLOCATION_KEYS.values())
-
-GRAPE_MODES = ("canonical", "axis", "mixed", "block_mixed")
+ALLOCATION_KEYS: dict[str, frozenset[str]] = {a.name: a.keys for a in ALLOCATION_TABLE.values()}
 
 
 def make_rotary(
@@ -108,9 +169,9 @@ def make_rotary(
     Example: make_rotary("interleaved", head_dim=128, rope_theta=5e6, mrope_section=[24, 20, 20]).pattern ==
     "THW" * 20 + "TTTT".
     """
-    if allocation not in ALLOCATIONS:
+    if allocation not in ALLOCATION_TABLE:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    unknown = sorted(set(kw) - _KNOWN)
+    unknown = sorted(set(kw) - set(KNOBS).union(*ALLOCATION_KEYS.values()))
     if unknown:
         raise ValueError(f"unknown frequency hyperparameter(s) {unknown} for allocation {allocation!r}")
     opts = {k: v for k, v in kw.items() if k in ALLOCATION_KEYS[allocation] and v is not None}
@@ -120,27 +181,9 @@ def make_rotary(
         "partial_rotary_factor": partial_rotary_factor,
     }
     num_pairs = rotary_dim(head_dim, partial_rotary_factor) // 2  # validates head_dim / partial_rotary_factor
-    section = opts.get("mrope_section", DEFAULT_SECTIONS.get(allocation))
-
-    if allocation == "1d":
-        return OneDRotary(**geometry)
-    if allocation == "chunked":
-        return PairAxisRotary(chunked_axes(section, num_pairs), allocation=allocation, **geometry)
-    if allocation == "interleaved":
-        return PairAxisRotary(interleaved_axes(section, num_pairs), allocation=allocation, **geometry)
-    if allocation == "lumos":
-        return PairAxisRotary(lumos_axes(num_pairs), allocation=allocation, **geometry)
-    if allocation in ("videorope", "hope"):
-        layout = opts.get("frequency_layout", "package")
-        axes = videorope_axes(section, num_pairs, layout)
-        cls = HopeRotary if allocation == "hope" else PairAxisRotary
-        rotary = cls(axes, allocation=allocation, **geometry)
-        rotary.frequency_layout = layout
-        return rotary
-    if allocation == "multihead":
-        head_axes = multihead_axes(section, opts.get("num_key_value_heads", 8))
-        return MultiHeadRotary(head_axes, **geometry)
-    return _make_grape(section, num_pairs, geometry, opts)
+    entry = ALLOCATION_TABLE[allocation]
+    section = opts.get("mrope_section", entry.default_section)
+    return entry.build(section, num_pairs, geometry, opts)
 
 
 def _make_grape(section: list[int], num_pairs: int, geometry: dict[str, Any], opts: dict[str, Any]) -> Rotary:

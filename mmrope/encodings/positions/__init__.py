@@ -1,4 +1,5 @@
-"""Position designs: token layout (+ grids) -> 3-axis (t, h, w) position ids. One class per registry name."""
+"""Position designs: token layout (+ grids) -> 3-axis (t, h, w) position ids. One class per registry entry
+(`mmrope.encodings.registry.ENCODINGS[name].design`)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,7 @@ from .v2pe import V2PEPositions
 from .vanilla import VanillaPositions
 from .videorope import HoPEPositions, VideoRoPEPositions
 
-DESIGNS: dict[str, type[PositionDesign]] = {
-    "vanilla": VanillaPositions,
-    "mrope": MRoPEPositions,
-    "mrope_i": MRoPEInterleavePositions,
-    "mhrope": MHRoPEPositions,
-    "videorope": VideoRoPEPositions,
-    "hope": HoPEPositions,
-    "circlerope": CircleRoPEPositions,
-    "v2pe": V2PEPositions,
-    "ilrope": ILRoPEPositions,
-    "omnirope": OmniRoPEPositions,
-    "lumos": LumosPositions,
-    "grape": GrapePositions,
-}
-
 __all__ = [
-    "DESIGNS",
     "LAYOUTS",
     "Block",
     "CircleRoPEPositions",

@@ -121,8 +121,11 @@ def test_auto_is_the_default_of_the_seam_and_of_every_model_config():
     assert model.model.language_model.layers[0].self_attn.attn_backend == "auto"
     configs = sorted((Path(__file__).resolve().parents[3] / "configs" / "model").glob("*.yaml"))
     assert configs
+    from mmrope.model.config import ModelConfig
+
+    assert ModelConfig().attn_backend == "auto"  # the schema's default, which no model config overrides
     for path in configs:
-        assert yaml.safe_load(path.read_text())["attn_backend"] == "auto", path.name
+        assert yaml.safe_load(path.read_text()).get("attn_backend", "auto") == "auto", path.name
 
 
 def test_named_varlen_refuses_cpu_tensors():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mmrope.encodings import available, build
-from mmrope.encodings.positions import DESIGNS
+from mmrope.encodings.registry import ENCODINGS
 
 IMG, VID, VS, VE = 151655, 151656, 151652, 151653
 
@@ -224,7 +224,7 @@ def _parse_docstring_example(doc: str) -> tuple[list[list[float]], float]:
 @pytest.mark.parametrize("name", available())
 def test_docstring_example(name):
     kwargs, rows, delta = DOC_TABLE[name]
-    doc_rows, doc_delta = _parse_docstring_example(DESIGNS[name].__doc__)
+    doc_rows, doc_delta = _parse_docstring_example(ENCODINGS[name].design.__doc__)
     torch.testing.assert_close(
         torch.tensor(doc_rows), torch.tensor(rows, dtype=torch.float32), atol=1e-4, rtol=0
     )
