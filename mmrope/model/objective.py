@@ -198,6 +198,8 @@ class SFTObjective(nn.Module):
 
         With `balance_vision`, a media type the row lacks runs on a dummy 1 x merge x merge grid instead, and
         its output joins the loss with weight 0: every rank then runs (vision, vision, LLM) in the same order.
+        Under sequence parallelism (`split_vision`) each rank encodes its share of the row's media and the
+        features are all-gathered (`mmrope.model.vision_split.encode_split`, same order, same dummies).
         """
         model, zero = self.vlm.model, torch.zeros((), device=batch["input_ids"].device)
         if self.sp is not None and self.split_vision:

@@ -14,8 +14,8 @@ every rank the whole row's features again, in row order:
   nothing is exchanged to agree on it. A share may be empty (fewer images than ranks).
 - The split covers the whole `visual` module: ViT blocks, the connector (merger) and Qwen3-VL's deepstack
   mergers. The connector trains, so its gradient must come back exactly: the all-gather is autograd-aware
-  (`torch.distributed.nn.functional.all_gather`: reduce-scatter in backward on NCCL, all-to-all + sum on gloo),
-  so the rank that computed an image receives the sum of every rank's gradient for that image's features. Each
+  (`GatherRows`: reduce-scatter in backward on NCCL, all-reduce then this rank's rows on gloo), so the rank
+  that computed an image receives the sum of every rank's gradient for that image's features. Each
   visual token lies in exactly one rank's sequence slice, so only that rank's gradient for it is non-zero and
   the sum is exact; the connector gradients summed over the group (the data-parallel reduction) equal those of
   one process on the whole row. Splitting only the ViT and running the connector on every rank would keep the
@@ -35,9 +35,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from mmrope.model.sequence_parallel import SequenceParallel
 
 # (media kind, pixels key, grid key) in the order the tower encodes them (images first, as the stock forward)
 KINDS = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
@@ -107,7 +111,7 @@ def grid_patches(grid_thw: Tensor) -> list[int]:
 def encode_split(
     encoders: dict[str, Callable],
     batch: dict,
-    sp,
+    sp: SequenceParallel,
     *,
     merge_size: int,
     dummy: tuple[Tensor, Tensor],
@@ -156,10 +160,13 @@ def encode_split(
     share_rows = [[sum(tokens[k][a:b]) for k, (a, b) in share.items()] for share in plan]
     largest = max(sum(r) for r in share_rows)
     mine_ND = torch.cat([local[k] for k in present if k in local] or [template[:0]], dim=0)
+    if mine_ND.shape[0] != sum(share_rows[sp.rank]):  # the unpacking below relies on this count
+        raise RuntimeError(
+            f"vision split: the tower returned {mine_ND.shape[0]} feature rows for a share of "
+            f"{sum(share_rows[sp.rank])} (patches / spatial_merge_size**2 = {merge_size}**2)"
+        )
     padded_ND = torch.cat([mine_ND, mine_ND.new_zeros(largest - mine_ND.shape[0], mine_ND.shape[1])])
-    from torch.distributed.nn.functional import all_gather
-
-    gathered = all_gather(padded_ND, group=sp.group)
+    gathered = GatherRows.apply(padded_ND, sp.group).chunk(sp.size, dim=0)
     # Unpack in rank order: each kind's rows of rank 0, rank 1, ... are its items in row order.
     per_kind: dict[str, list[Tensor]] = {k: [] for k in present}
     for rank_ND, rows in zip(gathered, share_rows):
@@ -177,6 +184,40 @@ def encode_split(
             deepstack_features=[b.split(tokens[k]) for b in blocks[1:]] or None,
         )
     return media, zero
+
+
+class GatherRows(torch.autograd.Function):
+    """All-gather equal-sized `[N, D]` tensors over `group` into `[size * N, D]` (rank order); backward sums every
+    rank's gradient for a rank's rows and hands them to that rank.
+
+    Why not `torch.distributed.nn.functional.all_gather`: its backward off NCCL (gloo) scatters with group ranks
+    taken as global ranks, which fails on any group that does not start at rank 0 (data-parallel x SP).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        parts = [torch.empty_like(x_ND) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x_ND.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor) -> tuple[Tensor, None]:
+        import torch.distributed as dist
+
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        grad_ND = grad_ND.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            out_ND = grad_ND.new_empty(grad_ND.shape[0] // size, *grad_ND.shape[1:])
+            dist.reduce_scatter_tensor(out_ND, grad_ND, group=ctx.group)
+            return out_ND, None
+        grad_ND = (
+            grad_ND.clone()
+        )  # all_reduce works in place; autograd's incoming gradient is not ours to change
+        dist.all_reduce(grad_ND, group=ctx.group)  # off NCCL: an all-reduce (twice the volume), the same sum
+        return grad_ND.chunk(size, dim=0)[rank], None
 
 
 def _pack(out) -> tuple[Tensor, int]:
