@@ -10,9 +10,11 @@ each time it runs, so every rank must run the vision tower the same number of ti
 row has no image (or no video) runs the tower once on a minimal dummy grid for that media type and adds the
 result to the loss with weight 0, which also gives the trainable connector a (zero) gradient on every rank.
 
-Sequence parallelism (`sequence_parallel`, see `mmrope.model.sequence_parallel`): the vision tower still runs on
-the whole row; the merged embeddings, labels and positions are then split along the sequence and the decoder
-runs on this rank's slice, its attention exchanging q/k/v with the SP group.
+Sequence parallelism (`sequence_parallel`, see `mmrope.model.sequence_parallel`): each rank of the group encodes
+a patch-balanced share of the row's images and videos and one all-gather gives every rank the whole row's
+features (`mmrope.model.vision_split`; `split_vision=False` runs the whole row's media on every rank instead);
+the merged embeddings, labels and positions are then split along the sequence and the decoder runs on this
+rank's slice, its attention exchanging q/k/v with the SP group.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from mmrope.model.install import is_installed, seam_kwargs
 from mmrope.model.loss import IGNORE_INDEX, LOSS_BACKENDS, linear_cross_entropy, shift_labels
 from mmrope.model.sequence_parallel import SequenceParallel, pad_and_slice, pad_cu_seqlens
+from mmrope.model.vision_split import encode_split, tensors_of
 
 
 class SFTObjective(nn.Module):
@@ -35,6 +38,7 @@ class SFTObjective(nn.Module):
         zero_stage: int = 0,
         balance_vision: bool = False,
         sequence_parallel: SequenceParallel | None = None,
+        split_vision: bool = True,
     ):
         super().__init__()
         if not is_installed(vlm):
@@ -48,6 +52,7 @@ class SFTObjective(nn.Module):
         self.loss_chunk_size = loss_chunk_size  # rows of logits at once (the chunked backend)
         self.balance_vision = balance_vision  # set for data-parallel runs (world size > 1)
         self.sp = sequence_parallel
+        self.split_vision = split_vision  # under SP: each rank encodes a share of the row's media
         if zero_stage == 3:
             import deepspeed
 
@@ -193,8 +198,19 @@ class SFTObjective(nn.Module):
 
         With `balance_vision`, a media type the row lacks runs on a dummy 1 x merge x merge grid instead, and
         its output joins the loss with weight 0: every rank then runs (vision, vision, LLM) in the same order.
+        Under sequence parallelism (`split_vision`) each rank encodes its share of the row's media and the
+        features are all-gathered (`mmrope.model.vision_split.encode_split`, same order, same dummies).
         """
         model, zero = self.vlm.model, torch.zeros((), device=batch["input_ids"].device)
+        if self.sp is not None and self.split_vision:
+            return encode_split(
+                {"image": model.get_image_features, "video": model.get_video_features},
+                batch,
+                self.sp,
+                merge_size=int(self.vlm.config.vision_config.spatial_merge_size),
+                dummy=self._dummy_media(zero.device),
+                encode_absent=self.balance_vision,
+            )
         media = {}
         for kind, pixels_key, grid_key, encode in (
             ("image", "pixel_values", "image_grid_thw", model.get_image_features),
@@ -204,7 +220,7 @@ class SFTObjective(nn.Module):
                 media[kind] = encode(batch[pixels_key], batch[grid_key], return_dict=True)
             elif self.balance_vision:
                 dummy = encode(*self._dummy_media(zero.device), return_dict=True)
-                zero = zero + 0.0 * sum(t.float().sum() for t in _tensors(dummy))
+                zero = zero + 0.0 * sum(t.float().sum() for t in tensors_of(dummy))
         return media, zero
 
     def _dummy_media(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,17 +234,6 @@ class SFTObjective(nn.Module):
 def pad_mask(mask_BL: torch.Tensor, padded_len: int) -> torch.Tensor:
     """A `[B, L]` bool mask padded with False to `padded_len` (kept whole: every rank needs the whole row's)."""
     return torch.cat([mask_BL, mask_BL.new_zeros(mask_BL.shape[0], padded_len - mask_BL.shape[1])], dim=1)
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    """Every tensor inside a (nested) model output."""
-    if torch.is_tensor(value):
-        return [value]
-    if hasattr(value, "values"):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def num_supervised(batch: dict) -> int:

@@ -5,8 +5,10 @@
     objective = SFTObjective(model, sequence_parallel=sp)   # splits the merged row after the vision tower
 
 The way of a row through an SP group of N ranks (every rank holds the same packed row):
-- the vision tower runs on the whole row's images and videos (each image once per rank; the ViT is frozen, the
-  connector's gradient comes back from each rank's own tokens and is summed by the data-parallel reduction);
+- each rank runs the vision tower (ViT + connector) on a contiguous, patch-balanced share of the row's images
+  and videos, and one autograd-aware all-gather gives every rank the whole row's features in row order
+  (`mmrope.model.vision_split`); the connector's gradient for an image comes back, summed over the group's
+  tokens, to the rank that encoded it, and the data-parallel reduction sums the ranks' gradients;
 - the merged sequence (embeddings with the vision features scattered in, shifted labels, the 3 position rows,
   DIPE's static positions) is padded to a multiple of N (the pad is a sample of its own) and each rank keeps
   the contiguous slice `[r * L/N, (r + 1) * L/N)`; sample boundaries (`cu_seqlens`) and DIPE's modality mask

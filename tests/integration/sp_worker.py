@@ -2,16 +2,19 @@
 DeepSpeed's import are paid once).
 
 Parity: for each encoding and ZeRO stage, the same packed rows through (a) a plain model on this process alone
-(no SP, no DeepSpeed) and (b) the DeepSpeed engine with trainer.sequence_parallel_size=2 over the launched ranks.
+(no SP, no DeepSpeed) and (b) the DeepSpeed engine with trainer.sequence_parallel_size=N (N = the launched ranks),
+each rank encoding its share of the rows' images and videos (mmrope.model.vision_split).
 Resume: a real training session under SP (build_session, ZeRO-2, activation checkpointing) run 4 steps with a
 checkpoint at step 2, and a second run resumed from that checkpoint.
 
-usage: torchrun --nproc_per_node 2 sp_worker.py OUT_DIR STAGES CASES RESUME_CASE -- override [override ...]
+usage: torchrun --nproc_per_node N sp_worker.py OUT_DIR STAGES CASES RESUME_CASE -- override [override ...]
 STAGES like `2,3` (stage 3 runs with activation checkpointing); CASES comma-separated: a rope name, `+dipe` for
 DIPE on top, `:mode` for GRAPE's grape_mode, `@family` for another model family (e.g. `grape:axis`,
 `mrope+dipe`, `mrope_i@qwen3_vl`); RESUME_CASE one case or `none`.
 Each rank writes OUT_DIR/rank_R.pt = {"parity": {(stage, case): {"ref_loss", "sp_loss", "ref_grads",
-"sp_grads", "media", "text_only_samples", "row_lens", "seconds"}}, "resume": {"full": ..., "resumed": ...}}.
+"sp_grads", "media", "text_only_samples", "row_lens", "row_patches", "vit_patches"}}, "resume": {"full": ...,
+"resumed": ..., "vit_patches": ...}, "seconds": {case: s}}; `vit_patches` lists the patches of each vision tower
+call of this rank (a dummy call, for an empty share, encodes 1 x 2 x 2 = 4).
 """
 
 import itertools
@@ -103,6 +106,13 @@ def grads(module: torch.nn.Module, engine_grads: bool) -> dict[str, torch.Tensor
     return out
 
 
+def count_vit_patches(visual: torch.nn.Module) -> list[int]:
+    """Patches of every call of the vision tower from now on (its input is one row of pixels per patch)."""
+    calls: list[int] = []
+    visual.register_forward_pre_hook(lambda module, args: calls.append(int(args[0].shape[0])))
+    return calls
+
+
 def run_case(case: str, stages: list[int], overrides: list[str], sp) -> dict:
     with initialize_config_dir(
         config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"
@@ -137,6 +147,11 @@ def run_case(case: str, stages: list[int], overrides: list[str], sp) -> dict:
         "media": sorted({k for r in rows for k in ("pixel_values", "pixel_values_videos") if k in r}),
         "text_only_samples": sum(text_only_samples(r) for r in raw),
         "row_lens": [int(r["input_ids"].shape[1]) for r in rows],
+        # per row, the patches of each image then each video: what the vision split shares out
+        "row_patches": [
+            [int(n) for k in ("image_grid_thw", "video_grid_thw") if k in r for n in r[k].prod(-1).tolist()]
+            for r in rows
+        ],
     }
 
     # (b) the same rows, split over the SP group, under the DeepSpeed engine as the trainer drives it.
@@ -147,6 +162,7 @@ def run_case(case: str, stages: list[int], overrides: list[str], sp) -> dict:
         install(vlm, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe, sequence_parallel=sp)
         obj = SFTObjective(vlm, zero_stage=stage, sequence_parallel=sp)
         engine, _, _ = build_engine(obj, cfg, d.world_size)
+        vit_patches = count_vit_patches(vlm.model.visual)
         sp_loss = torch.zeros((), dtype=torch.float64)
         for i, row in enumerate(rows):
             loss = engine(row, num_global_tokens=num_global)
@@ -155,7 +171,12 @@ def run_case(case: str, stages: list[int], overrides: list[str], sp) -> dict:
             if i < len(rows) - 1:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro step
         dist.all_reduce(sp_loss)  # each rank holds its slice's share of the loss
-        out[(stage, case)] = {**common, "sp_loss": float(sp_loss), "sp_grads": grads(vlm, engine_grads=True)}
+        out[(stage, case)] = {
+            **common,
+            "sp_loss": float(sp_loss),
+            "sp_grads": grads(vlm, engine_grads=True),
+            "vit_patches": vit_patches,
+        }
         engine.destroy()
     return out
 
@@ -165,6 +186,11 @@ def resume_runs(case: str, overrides: list[str], out_dir: Path) -> dict:
     from tests.integration.elastic_worker import run_steps
 
     runs = out_dir / "runs"
+    vit_patches: list[int] = []  # every vision tower call of this rank, both runs (a global hook: the session
+    # builds its model inside run_steps)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: vit_patches.append(int(args[0].shape[0])) if hasattr(m, "merger") else None
+    )
     extra = ["deepspeed=zero2", "model.activation_checkpointing=all", "trainer.max_steps=4"]
     extra += ["trainer.optim.lr=1e-3", "data.num_slots=2"]
     full = run_steps([*overrides, *extra, *case_overrides(case), "trainer.run_name=full"], 4, [2])
@@ -177,21 +203,22 @@ def resume_runs(case: str, overrides: list[str], out_dir: Path) -> dict:
     resumed = run_steps(
         [*overrides, *extra, *case_overrides(case), "trainer.run_name=resumed", "trainer.resume=must"], 2, []
     )
-    return {"full": full, "resumed": resumed}
+    handle.remove()
+    return {"full": full, "resumed": resumed, "vit_patches": vit_patches}
 
 
 def main() -> None:
     global d
     sep = sys.argv.index("--")
     out_dir, stages, cases, resume_case = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    overrides = sys.argv[sep + 1 :] + [
-        f"trainer.output_dir={out_dir / 'runs'}",
-        "trainer.sequence_parallel_size=2",
-    ]
-    overrides += [f"trainer.global_batch_size={NUM_ROWS}", "trainer.precision=fp32"]
     register_configs()
     d = init_distributed()
-    sp = init_sequence_parallel(d, 2)
+    overrides = sys.argv[sep + 1 :] + [
+        f"trainer.output_dir={out_dir / 'runs'}",
+        f"trainer.sequence_parallel_size={d.world_size}",
+    ]
+    overrides += [f"trainer.global_batch_size={NUM_ROWS}", "trainer.precision=fp32"]
+    sp = init_sequence_parallel(d, d.world_size)
     results: dict = {"parity": {}}
     for case in cases.split(","):
         tic = time.perf_counter()

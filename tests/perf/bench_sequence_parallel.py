@@ -11,6 +11,12 @@ not measured (one CPU box cannot show an interconnect; one GPU cannot run SP > 1
 Every process runs one thread (OMP_NUM_THREADS=1): the process without SP uses one core, the SP group one core
 per rank, and the figures are per rank. On CPU the all-to-all is a memory copy through gloo; on GPUs it crosses
 NVLink, which the computed volume below sizes.
+
+`--vision` measures the vision step alone instead (issue 23, `mmrope.model.vision_split`): per rank, the vision
+tower's time (inside its forward), the whole vision step's time (tower + the all-gather + the connector's backward
+from a loss on the gathered features) and the peak RSS growth, for SP=1 and for SP=2 and 4 with every rank running
+the whole row (`split_vision=False`, before) and with each rank encoding its share (after). Qwen2.5-VL's tiny
+ViT widened to hidden 256 (4 heads, MLP 1024, 4 blocks), a row of 16 images of 12 x 12 to 36 x 36 patches.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -99,6 +106,86 @@ def run_rank(num_tokens: int, steps: int, sp_size: int) -> dict:
     }
 
 
+VISION_SIDES = [12, 16, 20, 24, 28, 32, 36, 24, 16, 20, 28, 12, 32, 36, 20, 24]  # patches per image side
+
+
+def vision_row() -> dict:
+    """A row's images (pixels, grids) as the processor writes them; the vision step reads nothing else."""
+    grids = torch.tensor([[1, s, s] for s in VISION_SIDES])
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    return {"input_ids": torch.zeros(1, 1, dtype=torch.long), "pixel_values": pixels, "image_grid_thw": grids}
+
+
+def run_vision_rank(steps: int, sp_size: int, split: bool) -> dict:
+    """Time `steps` vision steps (after one warm-up): the objective's media encoding, then the backward of a loss
+    on the gathered features (the connector's gradient); the tower's own time via forward hooks."""
+    from mmrope.encodings import build as build_encoding
+    from mmrope.model.build import build_model
+    from mmrope.model.config import ModelConfig, TinyModelConfig
+    from mmrope.model.freeze import apply_freeze
+    from mmrope.model.install import install
+    from mmrope.model.objective import SFTObjective
+
+    sp = None
+    if sp_size > 1:
+        from mmrope.train.engine import init_distributed, init_sequence_parallel
+
+        sp = init_sequence_parallel(init_distributed(), sp_size)
+    tiny = TinyModelConfig(
+        num_attention_heads=4,
+        vision_hidden_size=256,
+        vision_num_heads=4,
+        vision_intermediate_size=1024,
+        vision_depth=4,
+    )
+    cfg = ModelConfig(tiny=tiny)
+    model = build_model(cfg, vocab_size=VOCAB, special_ids=SPECIAL, seed=0)
+    apply_freeze(model, cfg.freeze)  # the ViT frozen, the connector trained
+    install(
+        model, build_encoding("mrope", mrope_section=[8, 12, 12]), attn_backend="auto", sequence_parallel=sp
+    )
+    objective = SFTObjective(model, sequence_parallel=sp, split_vision=split)
+    row = vision_row()
+    vit_s, patches = [], []  # the tower's calls in a step: -start, end; the patches of each
+
+    def tower_starts(module, args) -> None:
+        vit_s.append(-time.perf_counter())
+        patches.append(int(args[0].shape[0]))
+
+    model.model.visual.register_forward_pre_hook(tower_starts)
+    model.model.visual.register_forward_hook(lambda m, a, o: vit_s.append(time.perf_counter()))
+
+    def step() -> float:
+        vit_s.clear()
+        patches.clear()
+        media, zero = objective._encode_media(row)
+        loss = zero + sum(f.float().square().mean() for f in media["image"].pooler_output)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return sum(vit_s)
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    times, vit_times = [], []
+    for _ in range(steps):
+        if sp is not None:
+            torch.distributed.barrier()
+        tic = time.perf_counter()
+        vit_times.append(step())
+        times.append(time.perf_counter() - tic)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "sp": sp_size,
+        "split": split,
+        "rank": sp.rank if sp is not None else 0,
+        "patches": sum(patches),  # this rank's share (a rank with none encodes a 4-patch dummy)
+        "vit_s": sorted(vit_times)[len(vit_times) // 2],
+        "step_s": sorted(times)[len(times) // 2],
+        "peak_rss_growth_mib": (rss_after - rss_before) / 1024,
+    }
+
+
 def all_to_all_bytes(
     num_tokens: int,
     sp: int,
@@ -165,21 +252,23 @@ def memory_per_rank_gb(num_tokens: int, sp: int, *, zero_stage: int, num_gpus: i
     embeddings = (
         2 * num_tokens * HIDDEN * 2
     )  # merged embeddings of the WHOLE row and their gradient, every rank
-    vit = num_tokens * 4 * (VIT_HIDDEN * 2 + VIT_INTERMEDIATE) * 2  # frozen ViT on the whole row, no graph
+    # the frozen ViT (no graph) on this rank's share of the row's images (mmrope.model.vision_split; balanced
+    # shares of whole images: 1/N of the patches up to one image)
+    vit = num_tokens * 4 // sp * (VIT_HIDDEN * 2 + VIT_INTERMEDIATE) * 2
     loss = LOSS_CHUNK * VOCAB_7B * 4  # one chunk of fp32 logits
     parts = {"model states": states, "layer checkpoints": checkpoints, "one layer": layer}
     parts |= {"row embeddings": embeddings, "ViT (transient)": vit, "loss chunk": loss}
     return {k: v / 1e9 for k, v in parts.items()} | {"total": sum(parts.values()) / 1e9}
 
 
-def launch(num_tokens: int, steps: int, sp: int) -> list[dict]:
+def launch(num_tokens: int, steps: int, sp: int, worker: str = "--rank-worker", *extra: str) -> list[dict]:
     # One thread per rank, with or without SP: a shared 2-core box oversubscribed by OpenMP threads measures the
     # contention, not the step.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.setdefault("DS_ACCELERATOR", "cpu")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    args = [__file__, "--rank-worker", str(num_tokens), str(steps), str(sp)]
+    args = [__file__, worker, str(num_tokens), str(steps), str(sp), *extra]
     if sp > 1:
         cmd = [
             sys.executable,
@@ -195,9 +284,8 @@ def launch(num_tokens: int, steps: int, sp: int) -> list[dict]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-4000:])
-    return [
-        json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
-    ]
+    # ranks print at the same time: their lines may interleave, the flat JSON objects stay whole
+    return [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
 
 
 def main() -> None:
@@ -205,10 +293,20 @@ def main() -> None:
         num_tokens, steps, sp = (int(x) for x in sys.argv[2:5])
         print("RESULT " + json.dumps(run_rank(num_tokens, steps, sp)), flush=True)
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--vision-worker":
+        _, steps, sp, split = (int(x) for x in sys.argv[2:6])
+        print("RESULT " + json.dumps(run_vision_rank(steps, sp, bool(split))), flush=True)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--vision", action="store_true", help="the vision step alone: the split vs every rank"
+    )
     args = parser.parse_args()
+    if args.vision:
+        vision_main(args.steps)
+        return
 
     print("CPU, fp32, tiny Qwen2.5-VL decoder (4 layers, hidden 256, 4 heads / 2 KV heads), mrope, text rows")
     print(
@@ -245,6 +343,23 @@ def main() -> None:
             for sp in (1, 2, 4):
                 m = memory_per_rank_gb(num_tokens, sp, zero_stage=stage)
                 print(f"{num_tokens:>7} {stage:>4} {sp:>3} " + " ".join(f"{m[n]:>17.1f}" for n in names))
+
+
+def vision_main(steps: int) -> None:
+    grids = vision_row()["image_grid_thw"]
+    print(
+        f"CPU, fp32, one thread per rank; Qwen2.5-VL tiny ViT widened (hidden 256, 4 heads, MLP 1024, 4 blocks), "
+        f"frozen, connector trained; a row of {len(grids)} images, {int(grids.prod(-1).sum())} patches"
+    )
+    print(
+        f"{'SP':>3} {'split':>6} {'rank':>4} {'patches':>8} {'ViT s':>7} {'step s':>7} {'peak RSS growth MiB':>20}"
+    )
+    for sp, split in ((1, False), (2, False), (2, True), (4, False), (4, True)):
+        for r in sorted(launch(0, steps, sp, "--vision-worker", str(int(split))), key=lambda r: r["rank"]):
+            print(
+                f"{r['sp']:>3} {str(r['split']):>6} {r['rank']:>4} {r['patches']:>8} {r['vit_s']:>7.3f} "
+                f"{r['step_s']:>7.3f} {r['peak_rss_growth_mib']:>20.1f}"
+            )
 
 
 if __name__ == "__main__":
