@@ -40,11 +40,10 @@ def _all_gather(value) -> list:
 
 
 def _shard_summary(shards: dict[str, Counter], limit: int = 5) -> str:
-    """`shard-000003.tar (bad_image 12, too_long 1), ...`: the shards with the most skips first."""
+    """`/data/sft/shard-000003.tar (bad_image 12, too_long 1), ...`: the shards with the most skips first, by
+    full path (shards of two sources may share a basename; the path is what to inspect or fix)."""
     worst = sorted(shards.items(), key=lambda kv: -sum(kv[1].values()))
-    parts = [
-        f"{Path(url).name} ({', '.join(f'{k} {v}' for k, v in c.most_common())})" for url, c in worst[:limit]
-    ]
+    parts = [f"{url} ({', '.join(f'{k} {v}' for k, v in c.most_common())})" for url, c in worst[:limit]]
     more = f" and {len(worst) - limit} more shard(s)" if len(worst) > limit else ""
     return ", ".join(parts) + more
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from data.loader import PackedRowStream, ResumableLoader, video_report
 from data.processing import SampleProcessor
@@ -23,6 +23,7 @@ from mmrope.model.freeze import apply_freeze
 from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
+from mmrope.train import rundir
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
 from mmrope.train.config import OptimConfig, TrainConfig, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed, init_sequence_parallel
@@ -170,18 +171,53 @@ class Session:
     start_step: int
 
 
-def build_session(cfg: TrainConfig) -> Session:
+def check_resume(cfg: TrainConfig, run_dir: Path, ckpt: CheckpointManager, fingerprint: dict):
+    """(checkpoint to resume from, its manifest) or (None, None); refuses, naming the key, a run folder that
+    trainer.resume forbids or a checkpoint this config cannot continue. Reads manifests only: runs before
+    anything is built or written."""
+    if cfg.trainer.resume == "never":
+        refuse_to_reuse(run_dir, ckpt)
+    latest = ckpt.latest()
+    if cfg.trainer.resume == "must" and latest is None:
+        raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
+    if latest is None:
+        return None, None
+    manifest = ckpt.check_compatible(
+        latest, fingerprint
+    )  # resume auto|must (never refused this folder above)
+    saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
+    if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
+        raise ValueError(
+            f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
+            f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
+        )
+    return latest, manifest
+
+
+def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session:
+    """`record`: the composed config as Hydra handed it to train.py; written as the run's `.hydra/config.yaml`
+    (with Hydra's other records and the job log) once the checks below passed (mmrope/train/rundir.py)."""
+    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
+    flat = flatten(cfg)
+    fingerprint = config_fingerprint(flat)
+    # Reads the checkpoint folder only (any rank's view is the same): refused before the process group starts.
+    latest, manifest = check_resume(
+        cfg, run_dir, CheckpointManager(run_dir / "checkpoints", rank=0, world_size=1), fingerprint
+    )
     d = init_distributed()
     sp = init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)
     seed_everything(cfg.trainer.seed, d.rank)
-    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
-    flat = flatten(cfg)
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
     )
-    if cfg.trainer.resume == "never":
-        refuse_to_reuse(run_dir, ckpt)
+    if (
+        record is not None
+    ):  # accepted: from here on the invocation is the run's (a refusal above wrote nothing)
+        rundir.claim(record, rank=d.rank)
 
+    # Start-up can take a minute on real checkpoints and data: say what is happening (rank 0).
+    status = (lambda msg: print(msg, flush=True)) if d.is_main else (lambda _: None)
+    status("building processor and model...")
     processor = make_processor(cfg, d)
     encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
     model = build_model(
@@ -216,25 +252,13 @@ def build_session(cfg: TrainConfig) -> Session:
         sequence_parallel=sp,
     )
 
-    fingerprint = config_fingerprint(flat)
-    latest = ckpt.latest()
-    if cfg.trainer.resume == "must" and latest is None:
-        raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
-    manifest = None
-    if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
-        manifest = ckpt.check_compatible(latest, fingerprint)
-        saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
-        if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
-            raise ValueError(
-                f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
-                f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
-            )
     # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
     # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
     resized = manifest is not None and manifest["world_size"] != d.world_size
     if resized:
         PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
         ckpt.universal(latest)
+    status("creating DeepSpeed engine" + (f" and loading {latest}..." if latest is not None else "..."))
     engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
     rank_state = ckpt.load(engine, latest, manifest) if manifest is not None else {}
     start_step = rank_state.get("step", 0)
@@ -246,6 +270,7 @@ def build_session(cfg: TrainConfig) -> Session:
 
     sample_processor = make_sample_processor(cfg, processor, encoding)
     mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
+    status("opening the data (shard indexes)...")
     stream = _rank0_first(  # rank 0 builds missing shard indexes, the others read them
         d,
         lambda: PackedRowStream(
@@ -319,8 +344,8 @@ def build_session(cfg: TrainConfig) -> Session:
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    s = build_session(cfg)
+def run(cfg: TrainConfig, record: DictConfig | None = None) -> TrainResult:
+    s = build_session(cfg, record)
     try:
         result = s.trainer.train()
     finally:
