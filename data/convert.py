@@ -36,6 +36,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -360,6 +361,18 @@ def shards_pattern(out_dir: Path, index: dict) -> str:
     return str(out_dir / f"shard-{{{numbers[0]}..{numbers[-1]}}}.tar")
 
 
+def train_command(out_dir: Path, index: dict) -> str:
+    """The command that trains on the written shards, as the README writes it: the shards value is a quoted
+    string inside the list (`'data.shards=["out/shard-{000000..000005}.tar"]'`), since Hydra's grammar takes
+    braces and `..` only inside quotes, and the whole override is shell-quoted.
+
+    >>> print(train_command(Path("d"), {"shards": [{"name": "shard-000000.tar"}, {"name": "shard-000001.tar"}]}))
+    python train.py data=shards 'data.shards=["d/shard-{000000..000001}.tar"]'
+    """
+    value = shards_pattern(out_dir, index).replace("\\", "\\\\").replace('"', '\\"')  # Hydra's escapes
+    return f"python train.py data=shards {shlex.quote(f'data.shards=[{chr(34)}{value}{chr(34)}]')}"
+
+
 def too_many_rejects(index: dict, max_reject_fraction: float) -> str | None:
     """Why the conversion failed (nothing converted, or rejects above the limit), or None."""
     num_records, num_rejected = index["num_records"], index["num_rejected"]
@@ -466,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{v['visual_tokens']} visual tokens per video at Qwen2.5-VL's sampling (data.video)"
         )
     if index["shards"]:
-        print(f"train on them: python train.py data=shards 'data.shards=[{shards_pattern(args.out, index)}]'")
+        print(f"train on them: {train_command(args.out, index)}")
     failure = too_many_rejects(index, args.max_reject_fraction)
     if failure is not None:
         sys.exit(f"data.convert: {failure}; reasons per record in {args.out / 'rejected.jsonl'}")

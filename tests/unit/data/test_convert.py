@@ -261,14 +261,48 @@ def test_cli_accepts_a_few_rejects_and_refuses_nothing_converted(tmp_path):
     # it says how to train on what it wrote: a data.shards value that expands to exactly its shards
     from data.index import expand_urls
 
-    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", ok.stdout)
+    (pattern,) = re.findall(r"'data\.shards=\[\"(.*)\"\]'", ok.stdout)
     assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
     many = _cli(tmp_path, _llava(30, 0, tmp_path), "--quiet", "--max-shard-samples", "8")
-    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", many.stdout)
+    (pattern,) = re.findall(r"'data\.shards=\[\"(.*)\"\]'", many.stdout)
     assert len(expand_urls(pattern)) == 4
     assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
     none = _cli(tmp_path, _llava(0, 3, tmp_path), "--quiet", "--max-reject-fraction", "1")
     assert none.returncode == 1 and "no record could be converted" in none.stderr
+
+
+def test_the_printed_command_parses_in_hydra_and_names_every_shard(tmp_path, monkeypatch):
+    """`'data.shards=[dir/shard-{000000..000005}.tar]'` (what it used to print) is a Hydra syntax error; the
+    printed command goes through the shell's and Hydra's parsers as is, composes, validates (every shard found)
+    and names exactly the written shards, also from a folder whose name holds a space and a quote."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from data.index import expand_urls
+    from mmrope.train.config import register_configs, validate
+    from tests.conftest import ROOT
+
+    register_configs()
+    monkeypatch.chdir(tmp_path)
+    for flags, num_shards in ((["--max-shard-samples", "5"], 6), ([], 1)):
+        out_dir = tmp_path / f"it's my {num_shards}"
+        src = tmp_path / "in.json"
+        src.write_text(json.dumps(_llava(30, 0, tmp_path)))
+        proc = io.StringIO()
+        with contextlib.redirect_stdout(proc):
+            main(
+                ["--input", str(src), "--image-root", str(tmp_path), "--out", out_dir.name, "--quiet", *flags]
+            )
+        (line,) = [x for x in proc.getvalue().splitlines() if x.startswith("train on them: ")]
+        argv = shlex.split(line.removeprefix("train on them: "))
+        assert argv[:3] == ["python", "train.py", "data=shards"]
+        overrides = [o.input_line for o in OverridesParser.create().parse_overrides(argv[2:])]
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = validate(compose("train", overrides=overrides))  # check_paths: every shard exists
+        written = sorted(str(p.relative_to(tmp_path)) for p in out_dir.glob("shard-*.tar"))
+        assert len(written) == num_shards and expand_urls(cfg.data.shards) == written
 
 
 def test_reject_reasons_say_what_is_wrong(tmp_path):
