@@ -45,6 +45,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from data.index import image_error
 from data.video import QWEN_VIDEO, VIDEO_EXTENSIONS, describe, probe
 
 FORMATS = ("auto", "llava", "sharegpt", "messages")
@@ -74,6 +75,13 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None, str]]:
 
 
 def detect_format(rec: dict) -> str:
+    if "conversations" not in rec and "messages" not in rec:
+        # neither turn list: say what a record needs (not "no 'messages' field" for a LLaVA record)
+        keys = ", ".join(repr(k) for k in list(rec)[:8]) or "none"
+        raise Reject(
+            "bad_structure",
+            f"no 'conversations' (LLaVA / ShareGPT) or 'messages' field; the record's keys: {keys}",
+        )
     if "conversations" in rec:
         return "llava" if ("image" in rec or "video" in rec or "images" not in rec) else "sharegpt"
     if isinstance(rec.get("messages"), list) and rec["messages"] and "from" in rec["messages"][0]:
@@ -132,13 +140,13 @@ def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
 def _read_image(root: Path, ref: str) -> tuple[bytes, str]:
     path = Path(ref) if os.path.isabs(ref) else root / ref
     if not path.is_file():
-        raise Reject("missing_image", str(ref))
+        raise Reject("missing_image", f"{ref} (looked up {path.absolute()})")
     blob = path.read_bytes()
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img.load()
     except Exception as e:  # PIL raises many types for corrupt data
-        raise Reject("bad_image", f"{ref}: {e}") from e
+        raise Reject("bad_image", f"{path.absolute()}: {image_error(e)}") from e
     ext = path.suffix.lower().lstrip(".") or "jpg"
     return blob, re.sub(r"[^a-z0-9]", "", ext) or "jpg"
 
@@ -146,7 +154,7 @@ def _read_image(root: Path, ref: str) -> tuple[bytes, str]:
 def _read_video(root: Path, ref: str) -> tuple[bytes, str]:
     path = Path(ref) if os.path.isabs(ref) else root / ref
     if not path.is_file():
-        raise Reject("missing_video", str(ref))
+        raise Reject("missing_video", f"{ref} (looked up {path.absolute()})")
     blob = path.read_bytes()
     try:
         probe(blob)  # a container with a decodable-looking video stream
@@ -455,6 +463,11 @@ def main(argv: list[str] | None = None) -> None:
         "--processor", default=None, help="local tokenizer + image processor: token counts in indexes"
     )
     args = ap.parse_args(argv)
+    if not args.image_root.is_dir():
+        ap.error(
+            f"--image-root {args.image_root}: not a directory (looked up {args.image_root.absolute()}); "
+            "relative image paths of the records start there"
+        )
     if not 0 <= args.max_reject_fraction <= 1:
         ap.error(f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}")
     index = convert(
@@ -480,6 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     if index["shards"]:
         print(f"train on them: {train_command(args.out, index)}")
+    missing = index["rejected"].get("missing_image", 0) + index["rejected"].get("missing_video", 0)
+    if missing:  # most often a wrong --image-root: show where the files were looked for
+        print(
+            f"{missing} record(s) name media not found under --image-root {args.image_root} "
+            f"({args.image_root.absolute()}); the paths looked up are in rejected.jsonl"
+        )
     failure = too_many_rejects(index, args.max_reject_fraction)
     if failure is not None:
         sys.exit(f"data.convert: {failure}; reasons per record in {args.out / 'rejected.jsonl'}")

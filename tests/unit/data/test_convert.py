@@ -306,10 +306,15 @@ def test_the_printed_command_parses_in_hydra_and_names_every_shard(tmp_path, mon
 
 
 def test_reject_reasons_say_what_is_wrong(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}]
     records = [
         {"id": "empty", "conversations": []},
         {"id": "notlist", "conversations": "hello"},
         {"id": "emptymsg", "messages": []},
+        {"id": "noturns", "image": "a.png"},  # LLaVA without `conversations`: was "no 'messages' field"
+        {"id": "broken", "image": "broken.png", "conversations": turns},
+        {"id": "gone", "image": "gone.png", "conversations": turns},
     ]
     src = tmp_path / "in.json"
     src.write_text(json.dumps(records))
@@ -321,6 +326,32 @@ def test_reject_reasons_say_what_is_wrong(tmp_path):
     assert details["empty"] == "'conversations' is an empty list"
     assert details["notlist"] == "'conversations' is a str, not a list of turns"
     assert details["emptymsg"] == "'messages' is an empty list"
+    assert details["noturns"] == (
+        "no 'conversations' (LLaVA / ShareGPT) or 'messages' field; the record's keys: 'id', 'image'"
+    )
+    # the file, and what is wrong with it (PIL's message names an in-memory BytesIO: not shown)
+    assert (
+        details["broken"] == f"{tmp_path}/broken.png: not a readable image (PIL cannot identify its format)"
+    )
+    assert details["gone"] == f"gone.png (looked up {tmp_path}/gone.png)"
+
+
+def test_a_wrong_image_root_says_so_and_shows_the_path_looked_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = _llava(3, 0, tmp_path)
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(records))
+    args = ["--input", str(src), "--out", "out", "--quiet"]
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
+        main([*args, "--image-root", "imgs"])  # no such folder
+    assert e.value.code == 2
+    assert f"--image-root imgs: not a directory (looked up {tmp_path}/imgs)" in err.getvalue()
+    (tmp_path / "elsewhere").mkdir()  # a folder, but not the one the images are in
+    proc = _cli(tmp_path, records, "--quiet", "--image-root", "elsewhere", "--max-reject-fraction", "1")
+    assert proc.returncode == 1 and "no record could be converted" in proc.stderr
+    assert (
+        f"3 record(s) name media not found under --image-root elsewhere ({tmp_path}/elsewhere)" in proc.stdout
+    )
 
 
 def test_progress_counts_every_record_and_quiet_shows_none(tmp_path, capsys):
