@@ -134,3 +134,11 @@ def test_hostfile_example_parses_with_deepspeed():
 
     lines = Path(LAUNCH / "hostfile.example").read_text().splitlines()
     assert _parse_hostfile(lines) == {"node-0": 8, "node-1": 8}
+
+
+def test_make_help_lists_every_target_as_written():
+    """`make help` greps the Makefile's `## ...` comments: they are printed as written, so `$$` shows as `$$`."""
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    targets = re.findall(r"^([a-zA-Z_-]+):.*?## ", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert [line.split()[1] for line in out.splitlines()] == targets
+    assert "$$" not in out and "-> $OUT" in out
