@@ -48,8 +48,8 @@ def rope_hparams_error(error: ValueError, name: str, hparams: dict[str, Any]) ->
 class RopeConfig:
     """The position encoding: one file per encoding in configs/rope/ (see mmrope.encodings.build)."""
 
-    name: str = "mrope"
-    hparams: dict[str, Any] = field(default_factory=dict)
+    name: str = "mrope"  # the encoding (configs/rope/<name>.yaml sets its hyperparameters too)
+    hparams: dict[str, Any] = field(default_factory=dict)  # the encoding's hyperparameters (checked by it)
     dipe: bool = False  # DIPE inter-modal anchoring on top of any 3-axis encoding
     layout: str | None = (
         None  # video token layout: qwen2 | qwen2_5 (contiguous) | qwen3 (per frame); None = from model.family
@@ -99,18 +99,18 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     cache_dir: str = ".cache"  # generated shards, the locally built tokenizer, indexes of read-only shards
     max_tokens: int = 32768  # packing budget per row
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
+    min_pixels: int = 56 * 56  # images are resized (aspect kept) to at least this many pixels
+    max_pixels: int = 28 * 28 * 1280  # ... and at most this many (visual tokens = pixels / 28^2)
     video: VideoSampling = field(default_factory=VideoSampling)
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # prepended to records without a system turn; None = none
     shuffle_buffer: int = 256  # record references per slot (nothing is read while a record waits here)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
     # Virtual slots (data/loader.py): the stream position is theirs, so a run resumes exactly on any world size
     # and num_workers whose product divides num_slots. Fixed for a run.
     num_slots: int = 8
     error_policy: str = "skip"  # raise | skip (eval data always raises)
-    max_skip_fraction: float = 0.05
-    seed: int = 0
+    max_skip_fraction: float = 0.05  # abort when more of the records read than this were skipped
+    seed: int = 0  # shuffling of shards and records (independent of trainer.seed)
     # Weighted sources instead of `shards`: [{shards: [urls...], weight: 0.7}, ...]; each record is drawn from
     # a source chosen by a seeded weighted draw (deterministic, resumable), each source cycles its own epochs.
     mixture: list[Any] = field(default_factory=list)
@@ -150,9 +150,9 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = 2
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    stage: int = 2  # ZeRO stage 0-3 (configs/deepspeed/: zero2, zero3, zero3_offload)
+    offload_optimizer: bool = False  # optimizer states in CPU memory
+    offload_param: bool = False  # parameters in CPU memory (stage 3 only)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
     def __post_init__(self) -> None:
@@ -163,13 +163,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 3e-6
-    warmup_steps: int = 0
+    lr: float = 1e-5  # peak learning rate (AdamW), reached after warmup, cosine decay to min_lr
+    min_lr: float = 3e-6  # learning rate at max_steps
+    warmup_steps: int = 0  # linear warmup (clamped to max_steps for short runs)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
+    weight_decay: float = 0.05  # on weights; biases and norms get none
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "trainer.optim.lr", "must be > 0")
@@ -187,7 +187,7 @@ class OptimConfig:
 class WandbConfig:
     project: str = "mmrope"
     mode: str = "offline"  # online | offline | disabled
-    group: str | None = None
+    group: str | None = None  # a sweep sets it to hydra.job.name
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -227,15 +227,15 @@ class TrainerConfig:
     run_name: str = (
         "tiny-default"  # the run directory is output_dir/run_name: a requeued job finds its checkpoints
     )
-    output_dir: str = "runs"
-    max_steps: int = 300
+    output_dir: str = "runs"  # runs live in output_dir/run_name (a sweep: output_dir/sweeps/<hydra.job.name>)
+    max_steps: int = 300  # optimizer steps of the whole run (a resumed run continues to it)
     global_batch_size: int = 2  # packed rows per optimizer step, over all ranks and accumulation steps
     micro_batch_size: int = 1  # packed rows per rank per forward (1: grow data.max_tokens instead)
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 100
-    keep_last: int = 2
+    seed: int = 0  # model init and dropout (the data order is data.seed)
+    log_every: int = 10  # metrics.jsonl / wandb / console every N steps (and steps 1 and max_steps)
+    save_every: int = 100  # committed checkpoint every N steps (and at max_steps and on preemption)
+    keep_last: int = 2  # committed checkpoints kept
     resume: str = "auto"  # auto | must | never
     optim: OptimConfig = field(default_factory=OptimConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -339,8 +339,12 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schema so `configs/train.yaml` (defaults: `- train_schema`) is type-checked at compose time."""
+    """Register the schema so `configs/train.yaml` (defaults: `- train_schema`) is type-checked at compose time,
+    and `python train.py --help` (hydra/help: mmrope) with every key described from the schema's comments."""
+    from mmrope.train.help import help_config
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(group="hydra/help", name="mmrope", node=help_config())
 
 
 def validate(cfg: DictConfig | TrainConfig, *, check_paths: bool = True) -> TrainConfig:

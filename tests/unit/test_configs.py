@@ -380,3 +380,24 @@ def test_readme_brace_and_mixture_commands_work_verbatim():
                 f"no brace range expanded: {command}"
             )
         assert all("{" not in u for u in urls)
+
+
+def test_help_lists_every_key_with_its_description_and_a_sweep_example():
+    """`python train.py --help`: the groups, every schema key (described from the schema's own comments) and the
+    commands for a run, the user's shards (quoted) and a sweep."""
+    from mmrope.train.config import TrainConfig
+    from mmrope.train.help import key_descriptions
+
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=ROOT, env=clean_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "python train.py -m rope=mrope,vanilla trainer.max_steps=300 hydra.job.name=first" in out
+    assert "'data.shards=[\"/data/sft/shard-{000000..000511}.tar\"]'" in out
+    assert "rope: circlerope, grape, hope" in out  # the groups and their options
+    keys = [k for k, tp, _ in key_descriptions(TrainConfig) if tp != "section"]
+    assert len(keys) > 80 and all(f"    {k} (" in out for k in keys)
+    assert "trainer.max_steps (int)  optimizer steps of the whole run" in out
+    assert "trainer.resume (str)  auto | must | never" in out
+    assert "data.num_slots (int)\n        Virtual slots (data/loader.py)" in out  # a comment above its field
