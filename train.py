@@ -14,6 +14,7 @@ import os
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from mmrope.train.config import register_configs, validate
@@ -41,4 +42,7 @@ def main(dict_cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Name DeepSpeed's accelerator before anything imports it: left to detect one, it warns on every run
+    # ("Setting accelerator to CPU ... unable to detect it") on a CPU machine.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     sys.exit(main())

@@ -80,6 +80,7 @@ class Trainer:
         )
         self._step_composition: dict = {}
         self.evaluator = None  # mmrope.train.eval.Evaluator, set by the session when trainer.eval.every > 0
+        self._waiting_since: float | None = None  # set while the first batch is awaited (status line)
 
     def train(self) -> TrainResult:
         """Train to trainer.max_steps. On a preemption signal: save, then raise `Preempted` (a SystemExit
@@ -94,6 +95,9 @@ class Trainer:
         t = self.cfg.trainer
         first = last = None
         last_ckpt = None
+        if self.step < t.max_steps:  # the first rows (workers start, shards open, images decode) take a while
+            self.metrics.print("waiting for the first batch...")
+            self._waiting_since = time.perf_counter()
         while self.step < t.max_steps:
             tic = time.perf_counter()
             loss, stats = self.train_step()
@@ -138,6 +142,11 @@ class Trainer:
 
     def train_step(self) -> tuple[float, dict]:
         rows = [next(self.rows) for _ in range(self.accum)]
+        if self._waiting_since is not None:  # the progress bar starts once this step is done
+            waited, self._waiting_since = time.perf_counter() - self._waiting_since, None
+            self.metrics.print(
+                f"first batch after {waited:.1f} s; step {self.step + 1} (the first is the slowest)..."
+            )
         for r in rows:  # data accounting travels with the rows
             self.records += r.get("records", 0)
             self.skipped.update(r.get("skipped", {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -150,6 +151,29 @@ def make_sample_processor(
     )
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fit_workers(
+    requested: int, num_slots: int | None, dp_size: int, log=print, cores: int | None = None
+) -> int:
+    """data.num_workers, capped to the CPU cores this process may use: more workers than cores only compete (and
+    torch warns about it twice per run). The largest count <= cores that the slots split evenly over; the data
+    position does not depend on it (data/loader.py), so a run resumes the same either way."""
+    cores = cores or available_cores()
+    if requested <= cores:
+        return requested
+    workers = next(
+        w for w in range(cores, 0, -1) if (num_slots or dp_size * w) % (dp_size * w) == 0
+    )  # w = 1 always fits: validation checked that the slots split over the data-parallel ranks
+    log(
+        f"data.num_workers={requested} > {cores} CPU cores available to this process: using {workers} "
+        "DataLoader workers (same rows, same resume position)"
+    )
+    return workers
+
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -296,7 +320,8 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
         raise ValueError(
             f"config key `trainer.resume`: checkpoint {latest} holds no data loader state; cannot resume exactly"
         )
-    rows = ResumableLoader(stream, cfg.data.num_workers, state=data_state)
+    num_workers = fit_workers(cfg.data.num_workers, stream.num_slots, d.dp_size, status)
+    rows = ResumableLoader(stream, num_workers, state=data_state)
 
     metrics = Metrics(cfg, run_dir, enabled=d.is_main, start_step=start_step, flat_config=flat)
     metrics.print(

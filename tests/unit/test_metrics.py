@@ -47,7 +47,9 @@ def test_a_resumed_run_keeps_one_record_per_step(tmp_path, capsys):
     from mmrope.train.metrics import Metrics
 
     log = tmp_path / "metrics.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "train/loss": 10.0 - s}) + "\n" for s in range(1, 7)) + '{"st')
+    log.write_text(
+        "".join(json.dumps({"step": s, "train/loss": 10.0 - s}) + "\n" for s in range(1, 7)) + '{"st'
+    )
     cfg = TrainConfig()
     cfg.trainer.wandb.mode = "disabled"
     metrics = Metrics(cfg, tmp_path, enabled=True, start_step=4, flat_config={})
