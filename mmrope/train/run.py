@@ -349,6 +349,11 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     trainer.skipped.update(rank_state.get("skipped", {}))
     for url, reasons in rank_state.get("skipped_shards", {}).items():
         trainer.skipped_shards.setdefault(url, Counter()).update(reasons)
+    trainer.skipped_records.update(rank_state.get("skipped_records", {}))
+    trainer._skips_reported = len(trainer.skipped_records)
+    trainer.num_readable = sum(
+        stream.lengths.values()
+    )  # records of the readable shards: what skips are out of
     peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
     metrics.print(
         f"MFU against {peak_tflops:g} TFLOP/s per device"
