@@ -206,9 +206,8 @@ def check_resume(cfg: TrainConfig, run_dir: Path, ckpt: CheckpointManager, finge
         raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
     if latest is None:
         return None, None
-    manifest = ckpt.check_compatible(
-        latest, fingerprint
-    )  # resume auto|must (never refused this folder above)
+    # resume auto|must (never refused this folder above)
+    manifest = ckpt.check_compatible(latest, fingerprint)
     saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
     if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
         raise ValueError(
@@ -234,9 +233,7 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
     )
-    if (
-        record is not None
-    ):  # accepted: from here on the invocation is the run's (a refusal above wrote nothing)
+    if record is not None:  # accepted: from here on the call is the run's (a refusal above wrote nothing)
         rundir.claim(record, rank=d.rank)
 
     # Start-up can take a minute on real checkpoints and data: say what is happening (rank 0).
