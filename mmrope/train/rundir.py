@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+_job_log: logging.FileHandler | None = None  # this process's job log handler (one job at a time)
 
 
 def hydra_job_dir() -> Path | None:
@@ -53,12 +54,14 @@ def claim(task_cfg: DictConfig, *, rank: int) -> Path | None:
         _write(record / "config.yaml", OmegaConf.to_yaml(task_cfg))
         _write(record / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
         _write(record / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
-    log_file = job_dir / f"{hydra_cfg.hydra.job.name}.log"
+    global _job_log
     root = logging.getLogger()
-    if not any(getattr(h, "baseFilename", None) == str(log_file.resolve()) for h in root.handlers):
-        handler = logging.FileHandler(log_file)  # mode "a": a resumed run appends, as with Hydra's handler
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
+    if _job_log is not None:  # the previous job of a multirun in this process
+        root.removeHandler(_job_log)
+        _job_log.close()
+    _job_log = logging.FileHandler(job_dir / f"{hydra_cfg.hydra.job.name}.log")  # appends, as Hydra's did
+    _job_log.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(_job_log)
     return job_dir
 
 
