@@ -378,7 +378,8 @@ def train_command(out_dir: Path, index: dict) -> str:
     python train.py data=shards 'data.shards=["d/shard-{000000..000001}.tar"]'
     """
     value = shards_pattern(out_dir, index).replace("\\", "\\\\").replace('"', '\\"')  # Hydra's escapes
-    return f"python train.py data=shards {shlex.quote(f'data.shards=[{chr(34)}{value}{chr(34)}]')}"
+    override = 'data.shards=["' + value + '"]'
+    return f"python train.py data=shards {shlex.quote(override)}"
 
 
 def too_many_rejects(index: dict, max_reject_fraction: float) -> str | None:

@@ -11,9 +11,9 @@ the last image and the question; the answer is generated greedily with the KV ca
 distance extends a shorter one. Writes `<out>/vqa.csv` (checkpoint, distance, n, skipped, accuracy),
 `<out>/vqa.png` (accuracy vs. distance, one curve per checkpoint), `<out>/predictions.jsonl` (one line per item and
 distance) and `<out>/skipped.jsonl` (items that cannot be evaluated, with the reason: `no_image` for a text-only
-item, which has no image to put distractors after; `missing_image` / `bad_image` for an image file or member that
-is missing or unreadable, named in the detail and on the console with the item id). Predictions are written as they are scored, the table and
-plot after every checkpoint.
+item, which has no image to put distractors after; `missing_image` / `bad_image` for an image file or member
+that is missing or unreadable, named in the detail and on the console with the item id). Predictions are written
+as they are scored, the table and plot after every checkpoint.
 
 Data (`--data`, several allowed):
 - webdataset shards in the project format (`.tar`, brace patterns ok): `<key>.json` holds `{"messages": [...]}`
@@ -63,9 +63,8 @@ class VQAItem:
     # (reason, detail) when the item cannot be evaluated whatever the checkpoint: e.g. ("missing_image", the path
     # looked up). Skipped and counted, like a text-only item.
     unusable: tuple[str, str] | None = None
-    files: dict[str, str] = field(
-        default_factory=dict
-    )  # member name -> the file it was read from (JSON items)
+    # member name -> the file it was read from (JSON items), to name the file when it cannot be read
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
