@@ -423,8 +423,11 @@ def shard_problems(urls: list[str]) -> list[str]:
             problems.append(f"{path}: not found")
         elif not os.path.isfile(path):
             problems.append(f"{path}: not a file")
-        elif not os.access(path, os.R_OK):
-            problems.append(f"{path}: not readable (permissions)")
+        else:
+            try:
+                open(path, "rb").close()  # what reading it needs: permissions, a working mount
+            except OSError as e:
+                problems.append(f"{path}: not readable ({e.strerror})")
     return problems
 
 
