@@ -233,6 +233,11 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
     )
+    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
+    # the virtual slots carry the data position. Slots that do not divide are refused here (data.num_slots).
+    resized = manifest is not None and manifest["world_size"] != d.world_size
+    if resized:
+        PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
     if record is not None:  # accepted: from here on the call is the run's (a refusal above wrote nothing)
         rundir.claim(record, rank=d.rank)
 
@@ -273,11 +278,7 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
         sequence_parallel=sp,
     )
 
-    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
-    # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
-    resized = manifest is not None and manifest["world_size"] != d.world_size
     if resized:
-        PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
         ckpt.universal(latest)
     status("creating DeepSpeed engine" + (f" and loading {latest}..." if latest is not None else "..."))
     engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
