@@ -74,7 +74,7 @@ bench-gpu: ## GPU step benchmark, mmrope vs the usual recipe at 32K (needs CUDA;
 	@for b in tests/perf/gpu_bench_*.py; do echo "== $$b"; PYTHONPATH=$(CURDIR) $(BENCH_PY) $$b || exit 1; done
 
 # The prepared device check (issue 14): tests/gpu/gpu_check.py. DRY=1 runs every step on CPU at tiny sizes.
-gpu-check: ## run first on a GPU box: GPU tests, CUDA training, 32K step benchmark -> $$OUT (DRY=1: CPU, tiny)
+gpu-check: ## run first on a GPU box: GPU tests, CUDA training, 32K step benchmark -> $OUT (DRY=1: CPU, tiny)
 	@PYTHONPATH=$(CURDIR) $(BENCH_PY) tests/gpu/gpu_check.py $(if $(DRY),--dry,) $(GPU_CHECK_ARGS)
 
 wheelhouse: $(STAMP) ## download the wheels the GPU box lacks (Python 3.12, x86_64) into .whl/ (git-ignored)

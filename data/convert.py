@@ -36,6 +36,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from data.index import image_error
 from data.video import QWEN_VIDEO, VIDEO_EXTENSIONS, describe, probe
 
 FORMATS = ("auto", "llava", "sharegpt", "messages")
@@ -73,6 +75,13 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None, str]]:
 
 
 def detect_format(rec: dict) -> str:
+    if "conversations" not in rec and "messages" not in rec:
+        # neither turn list: say what a record needs (not "no 'messages' field" for a LLaVA record)
+        keys = ", ".join(repr(k) for k in list(rec)[:8]) or "none"
+        raise Reject(
+            "bad_structure",
+            f"no 'conversations' (LLaVA / ShareGPT) or 'messages' field; the record's keys: {keys}",
+        )
     if "conversations" in rec:
         return "llava" if ("image" in rec or "video" in rec or "images" not in rec) else "sharegpt"
     if isinstance(rec.get("messages"), list) and rec["messages"] and "from" in rec["messages"][0]:
@@ -131,13 +140,13 @@ def _turns(rec: dict, fmt: str) -> list[tuple[str, object]]:
 def _read_image(root: Path, ref: str) -> tuple[bytes, str]:
     path = Path(ref) if os.path.isabs(ref) else root / ref
     if not path.is_file():
-        raise Reject("missing_image", str(ref))
+        raise Reject("missing_image", f"{ref} (looked up {path.absolute()})")
     blob = path.read_bytes()
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img.load()
     except Exception as e:  # PIL raises many types for corrupt data
-        raise Reject("bad_image", f"{ref}: {e}") from e
+        raise Reject("bad_image", f"{path.absolute()}: {image_error(e)}") from e
     ext = path.suffix.lower().lstrip(".") or "jpg"
     return blob, re.sub(r"[^a-z0-9]", "", ext) or "jpg"
 
@@ -145,7 +154,7 @@ def _read_image(root: Path, ref: str) -> tuple[bytes, str]:
 def _read_video(root: Path, ref: str) -> tuple[bytes, str]:
     path = Path(ref) if os.path.isabs(ref) else root / ref
     if not path.is_file():
-        raise Reject("missing_video", str(ref))
+        raise Reject("missing_video", f"{ref} (looked up {path.absolute()})")
     blob = path.read_bytes()
     try:
         probe(blob)  # a container with a decodable-looking video stream
@@ -360,6 +369,19 @@ def shards_pattern(out_dir: Path, index: dict) -> str:
     return str(out_dir / f"shard-{{{numbers[0]}..{numbers[-1]}}}.tar")
 
 
+def train_command(out_dir: Path, index: dict) -> str:
+    """The command that trains on the written shards, as the README writes it: the shards value is a quoted
+    string inside the list (`'data.shards=["out/shard-{000000..000005}.tar"]'`), since Hydra's grammar takes
+    braces and `..` only inside quotes, and the whole override is shell-quoted.
+
+    >>> print(train_command(Path("d"), {"shards": [{"name": "shard-000000.tar"}, {"name": "shard-000001.tar"}]}))
+    python train.py data=shards 'data.shards=["d/shard-{000000..000001}.tar"]'
+    """
+    value = shards_pattern(out_dir, index).replace("\\", "\\\\").replace('"', '\\"')  # Hydra's escapes
+    override = 'data.shards=["' + value + '"]'
+    return f"python train.py data=shards {shlex.quote(override)}"
+
+
 def too_many_rejects(index: dict, max_reject_fraction: float) -> str | None:
     """Why the conversion failed (nothing converted, or rejects above the limit), or None."""
     num_records, num_rejected = index["num_records"], index["num_rejected"]
@@ -442,6 +464,11 @@ def main(argv: list[str] | None = None) -> None:
         "--processor", default=None, help="local tokenizer + image processor: token counts in indexes"
     )
     args = ap.parse_args(argv)
+    if not args.image_root.is_dir():
+        ap.error(
+            f"--image-root {args.image_root}: not a directory (looked up {args.image_root.absolute()}); "
+            "relative image paths of the records start there"
+        )
     if not 0 <= args.max_reject_fraction <= 1:
         ap.error(f"--max-reject-fraction must be in [0, 1], got {args.max_reject_fraction}")
     index = convert(
@@ -466,7 +493,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{v['visual_tokens']} visual tokens per video at Qwen2.5-VL's sampling (data.video)"
         )
     if index["shards"]:
-        print(f"train on them: python train.py data=shards 'data.shards=[{shards_pattern(args.out, index)}]'")
+        print(f"train on them: {train_command(args.out, index)}")
+    missing = index["rejected"].get("missing_image", 0) + index["rejected"].get("missing_video", 0)
+    if missing:  # most often a wrong --image-root: show where the files were looked for
+        print(
+            f"{missing} record(s) name media not found under --image-root {args.image_root} "
+            f"({args.image_root.absolute()}); the paths looked up are in rejected.jsonl"
+        )
     failure = too_many_rejects(index, args.max_reject_fraction)
     if failure is not None:
         sys.exit(f"data.convert: {failure}; reasons per record in {args.out / 'rejected.jsonl'}")

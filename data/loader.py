@@ -232,6 +232,8 @@ class _Slot:
         self.rows_out = 0
         self.counts: Counter = Counter()
         self.by_shard: dict[str, Counter] = {}
+        # `url#record` (or a bad shard's url) -> reason, for the skips since the last row
+        self.skipped_ids: dict[str, str] = {}
         self._shares: dict[int, tuple] = {}
         if state is not None:
             self._load(state)
@@ -288,12 +290,14 @@ class _Slot:
         return None  # `epochs` reached (for a mixture: by the first source to get there)
 
     # -- plan, pack, read ---------------------------------------------------------------------------------------
-    def _skip(self, reason: str, url: str, message: str) -> None:
-        """Count a skipped record (or shard) under `reason`; under error_policy=raise stop with `message`."""
+    def _skip(self, reason: str, url: str, message: str, record: int | None = None) -> None:
+        """Count a skipped record (or shard) under `reason`; under error_policy=raise stop with `message`. The
+        record's identity travels too: a record met again in a later epoch is one record, not another skip."""
         if self.s.error_policy == "raise":
             raise DataError(f"{message} (in {url})")
         self.counts[reason] += 1
         self.by_shard.setdefault(url, Counter())[reason] += 1
+        self.skipped_ids[url if record is None else f"{url}#{record}"] = reason
 
     def _plan(self, ref: Ref) -> bool:
         """Set ref.num_tokens from the index (or the JSON member); False if the record is skipped."""
@@ -312,7 +316,9 @@ class _Slot:
             if planned > self.s.max_tokens:
                 raise SampleError("too_long", f"{planned} tokens > max_tokens={self.s.max_tokens}")
         except SampleError as e:
-            self._skip(e.reason, ref.url, f"{e} ({self._record_id(idx, ref)}record {rec['key']!r})")
+            self._skip(
+                e.reason, ref.url, f"{e} ({self._record_id(idx, ref)}record {rec['key']!r})", ref.record
+            )
             return False
         ref.num_tokens = planned
         return True
@@ -344,7 +350,7 @@ class _Slot:
                 # SampleError carries its reason; anything else a record provokes (a library raising on odd
                 # input) is still that record's fault: counted as `processing_error`, never a dead run.
                 reason = e.reason if isinstance(e, SampleError) else "processing_error"
-                self._skip(reason, ref.url, f"{e} (record {record['__key__']!r})")
+                self._skip(reason, ref.url, f"{e} (record {record['__key__']!r})", ref.record)
                 continue
             if sample.num_tokens != ref.num_tokens:
                 raise DataError(
@@ -365,10 +371,12 @@ class _Slot:
         row["records"] = self.counts.pop("records", 0)
         row["skipped"] = dict(self.counts)
         row["skipped_shards"] = {u: dict(c) for u, c in self.by_shard.items()}
+        row["skipped_records"] = dict(self.skipped_ids)
         row["epoch"] = self.cursors[0][0]
         row["videos"] = [v for s in samples for v in s.videos]
         self.counts.clear()
         self.by_shard.clear()
+        self.skipped_ids.clear()
         return row
 
     def _emit(self) -> Iterator[dict]:

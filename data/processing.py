@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from data.index import image_error
 from data.pixels import pixel_table
 from data.processor import IM_END, IMAGE_PAD, VIDEO_PAD, VLProcessor
 from data.video import (
@@ -402,7 +403,7 @@ class SampleProcessor:
             img = Image.open(io.BytesIO(blob))
             img.load()
         except Exception as e:  # PIL raises many types for corrupt data
-            raise SampleError("bad_image", f"{ref}: {e}") from e
+            raise SampleError("bad_image", f"{what} member {ref!r}: {image_error(e)}") from e
         return img.convert("RGB")
 
     def _decoded_media(self, record: dict, messages: list[dict]) -> tuple[dict, dict, MediaSizes]:

@@ -11,8 +11,9 @@ the last image and the question; the answer is generated greedily with the KV ca
 distance extends a shorter one. Writes `<out>/vqa.csv` (checkpoint, distance, n, skipped, accuracy),
 `<out>/vqa.png` (accuracy vs. distance, one curve per checkpoint), `<out>/predictions.jsonl` (one line per item and
 distance) and `<out>/skipped.jsonl` (items that cannot be evaluated, with the reason: `no_image` for a text-only
-item, which has no image to put distractors after). Predictions are written as they are scored, the table and
-plot after every checkpoint.
+item, which has no image to put distractors after; `missing_image` / `bad_image` for an image file or member
+that is missing or unreadable, named in the detail and on the console with the item id). Predictions are written
+as they are scored, the table and plot after every checkpoint.
 
 Data (`--data`, several allowed):
 - webdataset shards in the project format (`.tar`, brace patterns ok): `<key>.json` holds `{"messages": [...]}`
@@ -33,7 +34,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ class VQAItem:
     answer: str
     options: list[str] | None
     images: dict[str, bytes]  # member name -> encoded image
+    # (reason, detail) when the item cannot be evaluated whatever the checkpoint: e.g. ("missing_image", the path
+    # looked up). Skipped and counted, like a text-only item.
+    unusable: tuple[str, str] | None = None
+    # member name -> the file it was read from (JSON items), to name the file when it cannot be read
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,14 +133,20 @@ def item_from_record(record: dict) -> VQAItem:
         if isinstance(p, dict) and p.get("type") == "image"
     ]
     missing = [n for n in names if n not in record]
-    if missing:
-        raise ValueError(f"--data: record {key!r} lacks the image members {missing}")
     return VQAItem(
         key=key,
         messages=prompt,
         answer=_text_of(messages[first]["content"]).strip(),
         options=_check_options(meta.get("options"), f"--data: record {key!r}"),
-        images={n: record[n] for n in names},
+        images={n: record[n] for n in names if n in record},
+        unusable=(
+            (
+                "missing_image",
+                f"{record.get('__url__', 'shard')}: record {key!r} lacks the image members {missing}",
+            )
+            if missing
+            else None
+        ),
     )
 
 
@@ -142,20 +154,22 @@ def item_from_json(entry: dict, base: Path, index: int) -> VQAItem:
     where = f"--data: {base} item {index}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: an item must be an object, got {entry!r:.80}")
-    for field in ("question", "answer"):
-        if not isinstance(entry.get(field), str):
-            raise ValueError(f"{where}: `{field}` must be a string")
+    for name in ("question", "answer"):
+        if not isinstance(entry.get(name), str):
+            raise ValueError(f"{where}: `{name}` must be a string")
     paths = entry.get("images", [entry["image"]] if "image" in entry else [])  # none: text only (skipped)
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ValueError(f"{where}: `image` must be a path, `images` a list of paths")
     options = _check_options(entry.get("options"), where)
-    images, parts = {}, []
+    images, parts, missing, files = {}, [], [], {}
     for i, p in enumerate(paths):
         path = Path(p) if Path(p).is_absolute() else base / p
-        if not path.is_file():
-            raise ValueError(f"{where}: image {str(path)!r} not found")
         name = f"img{i}{path.suffix or '.png'}"
-        images[name] = path.read_bytes()
+        if path.is_file():
+            images[name] = path.read_bytes()
+            files[name] = str(path.absolute())
+        else:  # skipped and counted (usable_items), naming the file: one bad item never stops the evaluation
+            missing.append(str(path.absolute()))
         parts.append({"type": "image", "image": name})
     parts.append({"type": "text", "text": question_text(entry["question"], options)})
     return VQAItem(
@@ -164,6 +178,8 @@ def item_from_json(entry: dict, base: Path, index: int) -> VQAItem:
         answer=entry["answer"].strip(),
         options=options,
         images=images,
+        unusable=("missing_image", f"{', '.join(missing)} not found") if missing else None,
+        files=files,
     )
 
 
@@ -274,19 +290,26 @@ def generate_answers(ckpt: Checkpoint, samples: list[Sample], max_new_tokens: in
 def usable_items(
     items: list[VQAItem], sample_processor: SampleProcessor, *, checkpoint: str
 ) -> tuple[list[tuple[VQAItem, Sample]], list[dict]]:
-    """(item, prompt sample) pairs that can be evaluated, and one skip record per item that cannot: an item
-    without an image (`no_image`: no image to put distractors after), or whose prompt has no visual block
-    before the question (`no_insertion_point`). A record that cannot be processed raises, naming it."""
+    """(item, prompt sample) pairs that can be evaluated, and one skip record per item that cannot: an image file
+    or member that is missing (`missing_image`) or cannot be read (`bad_image`), an item without an image
+    (`no_image`: no image to put distractors after), or whose prompt has no visual block before the question
+    (`no_insertion_point`). Any other record that cannot be processed raises, naming it."""
     usable, skipped = [], []
     for item in items:
         reason, detail = None, ""
-        if not item.images:
+        if item.unusable is not None:
+            reason, detail = item.unusable
+        elif not item.images:
             reason = "no_image"
         else:
             try:
                 sample = item_sample(item, sample_processor)
             except SampleError as e:
-                raise ValueError(f"--data: item {item.key!r}: {e}") from e
+                if e.reason != "bad_image":
+                    raise ValueError(f"--data: item {item.key!r}: {e}") from e
+                reason, detail = e.reason, e.detail
+                if item.files:  # a JSON item: name the files, not only the member names given to them
+                    detail = f"{', '.join(item.files.values())}: {detail}"
             try:
                 insertion_index(sample.input_ids, sample.labels, sample_processor.tokens)
             except ValueError as e:
@@ -501,6 +524,8 @@ def run_vqa(
                     f"{k}={n}" for k, n in sorted(Counter(s["reason"] for s in skipped).items())
                 )
                 print(f"{path}: skipped {len(skipped)} of {len(items)} items ({reasons}; see skipped.jsonl)")
+                for skip in [x for x in skipped if x["detail"]][:5]:  # the files to fix, by item id
+                    print(f"  skipped item {skip['key']!r}: {skip['reason']}: {skip['detail']}")
             rows += ckpt_rows
             write_csv(rows, out / "vqa.csv")
             plot(rows, out / "vqa.png")

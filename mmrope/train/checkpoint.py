@@ -270,8 +270,9 @@ class CheckpointManager:
             torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(manifest["world_size"])
         ]
         data = merge_states([s.get("data") for s in states])
-        skipped, skipped_shards = {}, {}
+        skipped, skipped_shards, skipped_records = {}, {}, {}
         for s in states:
+            skipped_records.update(s.get("skipped_records", {}))
             for k, v in s.get("skipped", {}).items():
                 skipped[k] = skipped.get(k, 0) + v
             for url, reasons in s.get("skipped_shards", {}).items():
@@ -286,5 +287,6 @@ class CheckpointManager:
             "records": sum(s.get("records", 0) for s in states) if first else 0,
             "skipped": skipped if first else {},
             "skipped_shards": skipped_shards if first else {},
+            "skipped_records": skipped_records,  # a set (by record): the same on every rank
             "data": data,
         }

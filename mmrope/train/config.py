@@ -9,6 +9,7 @@ divide, an unknown encoding) surface before any model or data is touched, with t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -278,18 +279,16 @@ class EvalConfig:
 class TrainerConfig:
     # the run directory is output_dir/run_name: a requeued job finds its checkpoints
     run_name: str = "tiny-default"
-    output_dir: str = "runs"  # parent of every run directory
-    max_steps: int = 300  # optimizer steps
-    global_batch_size: int = must_match(
-        2
-    )  # packed rows per optimizer step, over all ranks and accumulation steps
-    micro_batch_size: int = must_match(
-        1
-    )  # packed rows per rank per forward (1: grow data.max_tokens instead)
+    output_dir: str = "runs"  # runs live in output_dir/run_name (a sweep: output_dir/sweeps/<hydra.job.name>)
+    max_steps: int = 300  # optimizer steps of the whole run (a resumed run continues to it)
+    # packed rows per optimizer step, over all ranks and accumulation steps
+    global_batch_size: int = must_match(2)
+    # packed rows per rank per forward (1: grow data.max_tokens instead)
+    micro_batch_size: int = must_match(1)
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    seed: int = 0  # model init (tiny) and training RNG
-    log_every: int = 10  # optimizer steps between progress lines / metrics
-    save_every: int = 100  # optimizer steps between checkpoints
+    seed: int = 0  # model init and dropout (the data order is data.seed)
+    log_every: int = 10  # metrics.jsonl / wandb / console every N steps (and steps 1 and max_steps)
+    save_every: int = 100  # committed checkpoint every N steps (and at max_steps and on preemption)
     keep_last: int = 2  # committed checkpoints kept
     resume: str = "auto"  # auto | must | never
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -417,14 +416,22 @@ def register_rope_config(name: str) -> None:
 
 
 def register_configs() -> None:
-    """Register the schema so `configs/train.yaml` (defaults: `- train_schema`) is type-checked at compose time."""
+    """Register the schema so `configs/train.yaml` (defaults: `- train_schema`) is type-checked at compose time,
+    and `python train.py --help` (hydra/help: mmrope) with every key described from the schema's comments."""
+    from mmrope.train.help import help_config
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(group="hydra/help", name="mmrope", node=help_config())
 
 
-def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Compose-time DictConfig -> validated dataclasses. Raises ValueError naming the offending key."""
+def validate(cfg: DictConfig | TrainConfig, *, check_paths: bool = True) -> TrainConfig:
+    """Compose-time DictConfig -> validated dataclasses. Raises ValueError naming the offending key.
+
+    `check_paths=False` skips the on-disk checks (shards exist and are readable): for configs that name
+    placeholder paths, e.g. the shipped examples checked in the tests."""
     if isinstance(cfg, TrainConfig):
         return cfg
+    check_known_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):  # composed without the schema (e.g. a plain OmegaConf.load)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
@@ -445,7 +452,78 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     check_rope_fits_model(obj)
     check_sequence_parallel(obj)
     check_loss_backend(obj)
+    if check_paths:
+        check_shards_readable(obj)
     return obj
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not have, naming them (with the closest known key).
+
+    Hydra type-checks `key=value` against the schema at compose time, but a key added with `+` (what Hydra's own
+    error suggests for a typo: `+trainer.max_step=4`) is inserted into the typed node and would be dropped
+    silently when the node becomes its dataclass. Open maps (fields typed `dict`, e.g. `rope.hparams`, validated
+    by the encoding, or `deepspeed.overrides`) take any key.
+    """
+
+    def walk(node: DictConfig, schema: type, prefix: str) -> None:
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            name = f"{prefix}{key}"
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
+                where = f"of `{prefix.rstrip('.')}`" if prefix else "at the top level"
+                raise ValueError(
+                    f"config key `{name}`: not a key {where}{hint} "
+                    f"(known: {', '.join(known)}). A `+` override adds a key; it cannot add one the schema lacks"
+                )
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                child_type = OmegaConf.get_type(child)
+                if child_type is not None and dataclasses.is_dataclass(child_type):
+                    walk(child, child_type, name + ".")
+
+    schema = OmegaConf.get_type(cfg)
+    if schema is not None and dataclasses.is_dataclass(schema):
+        walk(cfg, schema, "")
+
+
+def shard_problems(urls: list[str]) -> list[str]:
+    """`<full path>: not found` (or not readable, not a file) for each local shard that cannot be opened."""
+    from data.index import expand_urls, local_path
+
+    problems = []
+    for url in expand_urls(list(urls)):
+        path = os.path.abspath(local_path(url))  # a remote URL is refused here, naming data.shards
+        if not os.path.exists(path):
+            problems.append(f"{path}: not found")
+        elif not os.path.isfile(path):
+            problems.append(f"{path}: not a file")
+        else:
+            try:
+                open(path, "rb").close()  # what reading it needs: permissions, a working mount
+            except OSError as e:
+                problems.append(f"{path}: not readable ({e.strerror})")
+    return problems
+
+
+def check_shards_readable(cfg: TrainConfig) -> None:
+    """Every shard of data.shards, data.mixture and trainer.eval.shards exists and is readable: refused now, in
+    seconds, naming the key and the full paths, not after the processor, model and engine are built."""
+    groups = [("data.shards", cfg.data.shards)]
+    groups += [(f"data.mixture[{i}].shards", m["shards"]) for i, m in enumerate(cfg.data.mixture)]
+    groups += [("trainer.eval.shards", cfg.trainer.eval.shards)]
+    for key, urls in groups:
+        if not urls:
+            continue
+        try:
+            problems = shard_problems(list(urls))
+        except ValueError as e:  # expand_urls / local_path name `data.shards`: name the key given here
+            raise ValueError(str(e).replace("config key `data.shards`", f"config key `{key}`")) from e
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"config key `{key}`: {len(problems)} shard(s) cannot be read: {shown}")
 
 
 def check_loss_backend(cfg: TrainConfig) -> None:

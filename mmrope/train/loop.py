@@ -40,11 +40,10 @@ def _all_gather(value) -> list:
 
 
 def _shard_summary(shards: dict[str, Counter], limit: int = 5) -> str:
-    """`shard-000003.tar (bad_image 12, too_long 1), ...`: the shards with the most skips first."""
+    """`/data/sft/shard-000003.tar (bad_image 12, too_long 1), ...`: the shards with the most skips first, by
+    full path (shards of two sources may share a basename; the path is what to inspect or fix)."""
     worst = sorted(shards.items(), key=lambda kv: -sum(kv[1].values()))
-    parts = [
-        f"{Path(url).name} ({', '.join(f'{k} {v}' for k, v in c.most_common())})" for url, c in worst[:limit]
-    ]
+    parts = [f"{url} ({', '.join(f'{k} {v}' for k, v in c.most_common())})" for url, c in worst[:limit]]
     more = f" and {len(worst) - limit} more shard(s)" if len(worst) > limit else ""
     return ", ".join(parts) + more
 
@@ -72,7 +71,13 @@ class Trainer:
         self.skipped: Counter = Counter()  # this rank's skipped records by reason (since the run began)
         self.skipped_shards: dict[str, Counter] = {}  # ... and by shard
         self.records = 0
-        self._skips_reported = 0  # global skipped count at the last console line
+        # Skipped records by identity (`url#record` -> reason; a bad shard: its url): a record met again in a
+        # later epoch is one skipped record, not one per encounter. `skipped_records` is the global set as of the
+        # last gather (the same on every rank), `_new_skipped` this rank's additions since.
+        self.skipped_records: dict[str, str] = {}
+        self._new_skipped: dict[str, str] = {}
+        self.num_readable: int | None = None  # records in the readable shards (set by the session)
+        self._skips_reported = 0  # distinct skipped records at the last console line
         self.tokens_seen = 0
         self.nonfinite_skips = 0  # steps dropped under trainer.on_nonfinite=skip (saved with the checkpoint)
         self.preemption: PreemptionFlag | None = None  # installed by train()
@@ -84,6 +89,7 @@ class Trainer:
         self.benchmarks = (
             None  # mmrope.train.benchmarks.Benchmarks (rank 0), when trainer.eval.benchmarks.tasks
         )
+        self._waiting_since: float | None = None  # set while the first batch is awaited (status line)
 
     def train(self) -> TrainResult:
         """Train to trainer.max_steps. On a preemption signal: save, then raise `Preempted` (a SystemExit
@@ -98,6 +104,9 @@ class Trainer:
         t = self.cfg.trainer
         first = last = None
         last_ckpt = None
+        if self.step < t.max_steps:  # the first rows (workers start, shards open, images decode) take a while
+            self.metrics.print("waiting for the first batch...")
+            self._waiting_since = time.perf_counter()
         while self.step < t.max_steps:
             tic = time.perf_counter()
             loss, stats = self.train_step()
@@ -155,11 +164,12 @@ class Trainer:
 
     def train_step(self) -> tuple[float, dict]:
         rows = [next(self.rows) for _ in range(self.accum)]
-        for r in rows:  # data accounting travels with the rows
-            self.records += r.get("records", 0)
-            self.skipped.update(r.get("skipped", {}))
-            for url, reasons in r.get("skipped_shards", {}).items():
-                self.skipped_shards.setdefault(url, Counter()).update(reasons)
+        self._account(rows)
+        if self._waiting_since is not None:  # the progress bar starts once this step is done
+            waited, self._waiting_since = time.perf_counter() - self._waiting_since, None
+            self.metrics.print(
+                f"first batch after {waited:.1f} s; step {self.step + 1} (the first is the slowest)..."
+            )
         num_local = sum(num_supervised(r) for r in rows)
         num_tokens_local = sum(int(r["input_ids"].numel()) for r in rows)
         num_samples_local = sum(r["num_samples"] for r in rows)
@@ -242,28 +252,57 @@ class Trainer:
             stats["train/sp_pad_tokens"] = num_pad  # pad tokens added so that SP divides the row length
         return global_loss, stats
 
+    def _account(self, rows: list[dict]) -> None:
+        """This rank's data accounting, which travels with the rows: records read, skips, skipped records."""
+        for r in rows:
+            self.records += r.get("records", 0)
+            self.skipped.update(r.get("skipped", {}))
+            for url, reasons in r.get("skipped_shards", {}).items():
+                self.skipped_shards.setdefault(url, Counter()).update(reasons)
+            for key, reason in r.get("skipped_records", {}).items():
+                if key not in self.skipped_records:
+                    self._new_skipped[key] = reason
+
     def _global_skips(self) -> tuple[int, Counter, dict[str, Counter]]:
-        """(records, skipped by reason, skipped by shard) over all ranks. Every rank must call it."""
+        """(records read, skips by reason, skips by shard) over all ranks, and the global set of skipped records
+        brought up to date (only each rank's new ones travel). Every rank must call it."""
         records, reasons, shards = 0, Counter(), {}
-        for n, by_reason, by_shard in _all_gather((self.records, dict(self.skipped), self.skipped_shards)):
+        gathered = _all_gather((self.records, dict(self.skipped), self.skipped_shards, self._new_skipped))
+        for n, by_reason, by_shard, new in gathered:
             records += n
             reasons.update(by_reason)
             for url, c in by_shard.items():
                 shards.setdefault(url, Counter()).update(c)
+            self.skipped_records.update(new)
+        self._new_skipped = {}
         return records, reasons, shards
 
     def _skip_report(self) -> dict:
-        """Global skip counters for the log step, and a console line whenever they changed since the last one."""
-        records, reasons, shards = self._global_skips()
-        total = sum(reasons.values())
-        if total != self._skips_reported:
+        """Global skip counters for the log step, and a console line whenever more records were skipped since the
+        last one. Counts are of records (a record skipped in every epoch counts once), out of the readable ones;
+        the skips per encounter are said too when records recur."""
+        reads, encounters, shards = self._global_skips()
+        reasons = Counter(self.skipped_records.values())
+        skipped = len(self.skipped_records)
+        if skipped != self._skips_reported:
+            of = self.num_readable or reads
+            recurring = sum(encounters.values())
+            again = (
+                f" ({recurring} skips in {reads} records read: epochs meet them again)"
+                if recurring > skipped
+                else ""
+            )
             self.metrics.print(
-                f"data: {total - self._skips_reported} more record(s) skipped by step {self.step}; {total} of "
-                f"{records} ({total / max(records, 1):.2%}) so far: {dict(reasons.most_common())}; "
+                f"data: {skipped - self._skips_reported} more record(s) skipped by step {self.step}; {skipped} of "
+                f"{of} records ({skipped / max(of, 1):.2%}) so far{again}: {dict(reasons.most_common())}; "
                 f"{_shard_summary(shards)}"
             )
-            self._skips_reported = total
-        return {"data/records": records, **{f"data/skipped/{k}": v for k, v in reasons.items()}}
+            self._skips_reported = skipped
+        return {
+            "data/records": reads,
+            "data/skips": sum(encounters.values()),
+            **{f"data/skipped/{k}": v for k, v in reasons.items()},
+        }
 
     def _check_skips(self) -> None:
         total_skipped = sum(self.skipped.values())
@@ -287,6 +326,7 @@ class Trainer:
                 "records": self.records,
                 "skipped": dict(self.skipped),
                 "skipped_shards": {url: dict(c) for url, c in self.skipped_shards.items()},
+                "skipped_records": {**self.skipped_records, **self._new_skipped},
                 "nonfinite_skips": self.nonfinite_skips,
                 # exact stream position of the rows consumed so far (data.loader.ResumableLoader)
                 "data": self.rows.state_dict() if hasattr(self.rows, "state_dict") else None,

@@ -37,6 +37,40 @@ def wandb_run_id(run_dir: str | os.PathLike) -> str:
     return f"{slug}-{digest}"
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of steps after `step` from a JSONL log, atomically (a crash leaves the old file or the
+    new one, never half of one); returns how many were dropped.
+
+    A run resumed from the checkpoint of `step` logs the steps after it again: without this, metrics.jsonl would
+    hold those steps twice (the run killed after its last checkpoint, then the resumed one). A torn last line
+    (kill -9 mid-write) is dropped too.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(record.get("step", 0)) > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 class Metrics:
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, enabled: bool, start_step: int, flat_config: dict):
         self.enabled = enabled
@@ -46,6 +80,13 @@ class Metrics:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        # One record per step: a resumed run logs the steps after its checkpoint again (wandb, resumed under the
+        # same id, keeps the first value of a step: it ignores steps that do not increase).
+        if dropped := drop_records_after(run_dir / "metrics.jsonl", start_step):
+            print(
+                f"metrics.jsonl: dropped {dropped} record(s) after step {start_step} (logged before the restart; "
+                "the resumed run logs those steps again)"
+            )
         self.log_file = open(run_dir / "metrics.jsonl", "a")
         w = cfg.trainer.wandb
         if w.mode != "disabled":

@@ -41,6 +41,7 @@ class RunLog:
     records: list[dict] = field(default_factory=list)
     label: str = ""  # the overrides that tell this run apart from the others of the sweep
     legend: str = ""  # the encoding (+ DIPE), then the other overrides that tell this run apart
+    log_every: int | None = None  # trainer.log_every of the run (None: not in its config)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -82,7 +83,10 @@ def load_run(job_dir: Path) -> RunLog:
             output_dir = Path(hydra.get("runtime", {}).get("cwd", ".")) / output_dir
         metrics = output_dir / str(hydra.get("job", {}).get("override_dirname", "")) / "metrics.jsonl"
     records = read_metrics(metrics) if metrics.exists() else []
-    return RunLog(job_dir, encoding, overrides, records)
+    log_every = (config.get("trainer") or {}).get("log_every")
+    return RunLog(
+        job_dir, encoding, overrides, records, log_every=log_every if isinstance(log_every, int) else None
+    )
 
 
 def load_sweep(sweep_dir: Path) -> list[RunLog]:
@@ -162,6 +166,24 @@ def markdown_table(runs: list[RunLog]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+FEW_POINTS = 5  # fewer logged steps than this make a curve of a few straight segments
+
+
+def few_points_note(runs: list[RunLog]) -> str:
+    """How to get a finer curve when runs logged only a few steps (a short run with trainer.log_every=10 logs
+    steps 1 and max_steps: two points); empty when every run logged enough."""
+    sparse = [r for r in runs if 0 < len(r.records) < FEW_POINTS]
+    if not sparse:
+        return ""
+    every = sorted({r.log_every for r in sparse if r.log_every})
+    setting = f"trainer.log_every={','.join(map(str, every))}" if every else "trainer.log_every"
+    return (
+        f"Only {', '.join(f'{len(r.records)} logged steps in `{r.label}`' for r in sparse)}: the trainer logs "
+        f"every {setting} steps (and at step 1 and max_steps). For one point per step, run with "
+        "trainer.log_every=1.\n"
+    )
 
 
 def loss_figure(runs: list[RunLog], title: str, *, log_y: bool = False):
@@ -253,6 +275,7 @@ def write_report(
         f"# Sweep `{sweep_dir.name}`\n\n{len(runs)} runs from `{sweep_dir}`. Final and min loss over logged steps; "
         "tokens/s and MFU: median over logged steps after the first; peak memory: max over steps.\n\n"
         + markdown_table(runs)
+        + (f"\n{note}" if (note := few_points_note(runs)) else "")
         + f"\n![training loss]({png_path.name})\n"
         + (scores_section(Path(scores), out_dir) if scores is not None else "")
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from data.loader import PackedRowStream, ResumableLoader, video_report
 from data.processing import SampleProcessor
@@ -23,6 +24,7 @@ from mmrope.model.freeze import apply_freeze
 from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
+from mmrope.train import rundir
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
 from mmrope.train.config import OptimConfig, TrainConfig, model_tokens_per_second, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed, init_sequence_parallel
@@ -151,6 +153,29 @@ def make_sample_processor(
     )
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fit_workers(
+    requested: int, num_slots: int | None, dp_size: int, log=print, cores: int | None = None
+) -> int:
+    """data.num_workers, capped to the CPU cores this process may use: more workers than cores only compete (and
+    torch warns about it twice per run). The largest count <= cores that the slots split evenly over; the data
+    position does not depend on it (data/loader.py), so a run resumes the same either way."""
+    cores = cores or available_cores()
+    if requested <= cores:
+        return requested
+    workers = next(
+        w for w in range(cores, 0, -1) if (num_slots or dp_size * w) % (dp_size * w) == 0
+    )  # w = 1 always fits: validation checked that the slots split over the data-parallel ranks
+    log(
+        f"data.num_workers={requested} > {cores} CPU cores available to this process: using {workers} "
+        "DataLoader workers (same rows, same resume position)"
+    )
+    return workers
+
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -172,18 +197,55 @@ class Session:
     start_step: int
 
 
-def build_session(cfg: TrainConfig) -> Session:
+def check_resume(cfg: TrainConfig, run_dir: Path, ckpt: CheckpointManager, fingerprint: dict):
+    """(checkpoint to resume from, its manifest) or (None, None); refuses, naming the key, a run folder that
+    trainer.resume forbids or a checkpoint this config cannot continue. Reads manifests only: runs before
+    anything is built or written."""
+    if cfg.trainer.resume == "never":
+        refuse_to_reuse(run_dir, ckpt)
+    latest = ckpt.latest()
+    if cfg.trainer.resume == "must" and latest is None:
+        raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
+    if latest is None:
+        return None, None
+    # resume auto|must (never refused this folder above)
+    manifest = ckpt.check_compatible(latest, fingerprint)
+    saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
+    if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
+        raise ValueError(
+            f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
+            f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
+        )
+    return latest, manifest
+
+
+def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session:
+    """`record`: the composed config as Hydra handed it to train.py; written as the run's `.hydra/config.yaml`
+    (with Hydra's other records and the job log) once the checks below passed (mmrope/train/rundir.py)."""
+    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
+    flat = flatten(cfg)
+    fingerprint = config_fingerprint(flat)
+    # Reads the checkpoint folder only (any rank's view is the same): refused before the process group starts.
+    latest, manifest = check_resume(
+        cfg, run_dir, CheckpointManager(run_dir / "checkpoints", rank=0, world_size=1), fingerprint
+    )
     d = init_distributed()
     sp = init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)
     seed_everything(cfg.trainer.seed, d.rank)
-    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
-    flat = flatten(cfg)
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
     )
-    if cfg.trainer.resume == "never":
-        refuse_to_reuse(run_dir, ckpt)
+    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
+    # the virtual slots carry the data position. Slots that do not divide are refused here (data.num_slots).
+    resized = manifest is not None and manifest["world_size"] != d.world_size
+    if resized:
+        PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
+    if record is not None:  # accepted: from here on the call is the run's (a refusal above wrote nothing)
+        rundir.claim(record, rank=d.rank)
 
+    # Start-up can take a minute on real checkpoints and data: say what is happening (rank 0).
+    status = (lambda msg: print(msg, flush=True)) if d.is_main else (lambda _: None)
+    status("building processor and model...")
     processor = make_processor(cfg, d)
     encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
     model = build_model(
@@ -218,25 +280,9 @@ def build_session(cfg: TrainConfig) -> Session:
         sequence_parallel=sp,
     )
 
-    fingerprint = config_fingerprint(flat)
-    latest = ckpt.latest()
-    if cfg.trainer.resume == "must" and latest is None:
-        raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
-    manifest = None
-    if latest is not None:  # resume auto|must (never refused a folder with checkpoints above)
-        manifest = ckpt.check_compatible(latest, fingerprint)
-        saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
-        if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
-            raise ValueError(
-                f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
-                f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
-            )
-    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
-    # the virtual slots carry the data position. Slots that do not divide are refused below (data.num_slots).
-    resized = manifest is not None and manifest["world_size"] != d.world_size
     if resized:
-        PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
         ckpt.universal(latest)
+    status("creating DeepSpeed engine" + (f" and loading {latest}..." if latest is not None else "..."))
     engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
     rank_state = ckpt.load(engine, latest, manifest) if manifest is not None else {}
     start_step = rank_state.get("step", 0)
@@ -248,6 +294,7 @@ def build_session(cfg: TrainConfig) -> Session:
 
     sample_processor = make_sample_processor(cfg, processor, encoding)
     mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
+    status("opening the data (shard indexes)...")
     stream = _rank0_first(  # rank 0 builds missing shard indexes, the others read them
         d,
         lambda: PackedRowStream(
@@ -273,7 +320,8 @@ def build_session(cfg: TrainConfig) -> Session:
         raise ValueError(
             f"config key `trainer.resume`: checkpoint {latest} holds no data loader state; cannot resume exactly"
         )
-    rows = ResumableLoader(stream, cfg.data.num_workers, state=data_state)
+    num_workers = fit_workers(cfg.data.num_workers, stream.num_slots, d.dp_size, status)
+    rows = ResumableLoader(stream, num_workers, state=data_state)
 
     metrics = Metrics(cfg, run_dir, enabled=d.is_main, start_step=start_step, flat_config=flat)
     metrics.print(
@@ -301,6 +349,11 @@ def build_session(cfg: TrainConfig) -> Session:
     trainer.skipped.update(rank_state.get("skipped", {}))
     for url, reasons in rank_state.get("skipped_shards", {}).items():
         trainer.skipped_shards.setdefault(url, Counter()).update(reasons)
+    trainer.skipped_records.update(rank_state.get("skipped_records", {}))
+    trainer._skips_reported = len(trainer.skipped_records)
+    trainer.num_readable = sum(
+        stream.lengths.values()
+    )  # records of the readable shards: what skips are out of
     peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
     metrics.print(
         f"MFU against {peak_tflops:g} TFLOP/s per device"
@@ -327,8 +380,8 @@ def build_session(cfg: TrainConfig) -> Session:
     return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    s = build_session(cfg)
+def run(cfg: TrainConfig, record: DictConfig | None = None) -> TrainResult:
+    s = build_session(cfg, record)
     try:
         result = s.trainer.train()
     finally:

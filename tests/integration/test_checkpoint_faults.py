@@ -83,6 +83,7 @@ def test_kill9_during_save_then_resume_from_last_committed(tmp_path, cache_dir):
         "trainer.save_every=1",
         "trainer.keep_last=2",
         "trainer.global_batch_size=1",
+        "trainer.log_every=1",
     )
     ckpt = CheckpointManager(tmp_path / "runs/crashy/checkpoints", rank=0, world_size=1)
     # (crash point, step being saved when killed, step the next start must resume from, committed after)
@@ -116,6 +117,9 @@ def test_kill9_during_save_then_resume_from_last_committed(tmp_path, cache_dir):
         "step_5",
     ]
     assert ckpt.pointer().name == "step_5"
+    # Each start logged the steps after the checkpoint it resumed from again: the log keeps one record per step.
+    log = (tmp_path / "runs/crashy/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4, 5]
 
 
 def run_two_ranks(tmp_path: Path, cache_dir: Path, name: str, env_extra: dict, *extra: str):

@@ -180,6 +180,32 @@ def test_report_uses_perf_metrics_dedupes_resumed_steps_and_marks_missing(tmp_pa
     assert png.stat().st_size > 1000
 
 
+def test_report_says_how_to_get_more_points_for_short_runs(tmp_path):
+    """A 4-step run with trainer.log_every=10 logs steps 1 and 4: two points per curve. The report says so and
+    how to get one point per step; runs with enough points get no note."""
+    sweep = tmp_path / "sweep"
+    for name, steps in (("mrope", 2), ("vanilla", 2)):
+        job = sweep / f"rope={name}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump([f"rope={name}"]))
+        config = {"rope": {"name": name, "dipe": False}, "trainer": {"log_every": 10, "max_steps": 4}}
+        (job / ".hydra/config.yaml").write_text(yaml.safe_dump(config))
+        records = [{"step": s, "train/loss": 3.0 - s / 4} for s in (1, 4)[:steps]]
+        (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    md, _ = write_report(sweep, tmp_path / "out")
+    assert (
+        "Only 2 logged steps in `rope=mrope`, 2 logged steps in `rope=vanilla`: the trainer logs every "
+        "trainer.log_every=10 steps (and at step 1 and max_steps). For one point per step, run with "
+        "trainer.log_every=1." in md.read_text()
+    )
+    dense = tmp_path / "dense"
+    _run_with(
+        dense, "rope=mrope", ["rope=mrope"], {"name": "mrope", "dipe": False}, [3.0, 2.5, 2.0, 1.8, 1.7]
+    )
+    md, _ = write_report(dense, tmp_path / "out_dense")
+    assert "trainer.log_every=1" not in md.read_text()
+
+
 def test_report_refuses_a_folder_without_runs(tmp_path):
     with pytest.raises(ValueError, match="sweep_dir"):
         write_report(tmp_path, tmp_path / "out")

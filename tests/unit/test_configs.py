@@ -68,7 +68,7 @@ def test_every_yaml_composes_and_validates(group, option):
     prefix = "" if group == "experiment" else f"{group.replace('/', '.')}."
     extra = missing_values(raw, prefix)
     extra += FITTING_MODEL.get(f"{group}={option}", [])
-    cfg = validate(compose_cfg([f"{group}={option}", *extra]))
+    cfg = validate(compose_cfg([f"{group}={option}", *extra]), check_paths=False)  # placeholder shards
     if group == "rope":
         assert cfg.rope.name == OmegaConf.load(CONFIGS / "rope" / f"{option}.yaml").name
 
@@ -147,11 +147,77 @@ def test_train_py_with_liger_loss_fails_fast_without_cuda(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "config key `loss.backend`: liger cannot run here" in proc.stderr
     assert not cache.exists() and not (out / "tiny-default" / "checkpoints").exists()
+    assert not (out / "tiny-default").exists()  # a refused new run leaves no (empty) run folder behind
 
 
 def test_unknown_key_fails_at_compose_time():
     with pytest.raises(Exception, match="trainer.not_a_key"):
         compose_cfg(["trainer.not_a_key=1"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "+trainer.max_step=4",
+            "`trainer.max_step`: not a key of `trainer`; did you mean `trainer.max_steps`?",
+        ),
+        (
+            "+model.tiny.hidden=3",
+            "`model.tiny.hidden`: not a key of `model.tiny`; did you mean `model.tiny.hidden_size`",
+        ),
+        ("+max_steps=4", "`max_steps`: not a key at the top level"),
+    ],
+)
+def test_keys_added_with_plus_are_validated_like_any_other(override, message):
+    """`+trainer.max_step=4` (what Hydra suggests for the typo) used to compose, then vanish: 300 steps."""
+    cfg = compose_cfg([override])  # Hydra accepts an added key ...
+    with pytest.raises(ValueError) as e:  # ... the schema check refuses it, naming it
+        validate(cfg)
+    assert message in str(e.value)
+
+
+def test_keys_added_with_plus_inside_open_maps_are_kept():
+    """`rope.hparams` and `deepspeed.overrides` are open maps: a `+` key there is passed on (and checked by the
+    encoding, or by DeepSpeed), not refused by the schema."""
+    added = ["~rope.hparams.spatial_reset", "+rope.hparams.spatial_reset=true", "+deepspeed.overrides.x=1"]
+    cfg = validate(compose_cfg(["rope=mrope_i", *added]))
+    assert cfg.rope.hparams["spatial_reset"] is True and cfg.deepspeed.overrides == {"x": 1}
+
+
+def test_missing_or_unreadable_shards_are_refused_at_validation_naming_key_and_full_path(
+    tmp_path, monkeypatch
+):
+    """Before any processor, model or engine is built: every shard of data.shards, data.mixture and
+    trainer.eval.shards exists and is readable, else the key and the full paths are named."""
+    import os
+
+    for i in (0, 2):
+        (tmp_path / f"shard-{i:06d}.tar").write_bytes(b"")
+    (tmp_path / "shard-000003.tar").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative shard is named by its full path
+    pattern = "'data.shards=[\"shard-{000000..000003}.tar\"]'"
+    with pytest.raises(ValueError) as e:
+        validate(compose_cfg(["data=shards", pattern.strip("'")]))
+    text = str(e.value)
+    assert text.startswith("config key `data.shards`: 2 shard(s) cannot be read")
+    assert f"{tmp_path}/shard-000001.tar: not found" in text
+    assert f"{tmp_path}/shard-000003.tar: not a file" in text and "shard-000000" not in text
+    ok = f"data.shards=[{tmp_path}/shard-000000.tar]"
+    with pytest.raises(
+        ValueError, match=r"^config key `trainer.eval.shards`: 1 shard.*/held-out.tar: not found"
+    ):
+        validate(compose_cfg(["data=shards", ok, f"trainer.eval.shards=[{tmp_path}/held-out.tar]"]))
+    mixture = f"data.mixture=[{{shards: [{tmp_path}/shard-000002.tar]}}, {{shards: [/nowhere/x.tar]}}]"
+    with pytest.raises(
+        ValueError, match=r"^config key `data.mixture\[1\].shards`: .*/nowhere/x.tar: not found"
+    ):
+        validate(compose_cfg(["data=shards", mixture.replace("]}", "], weight: 1}")]))
+    if os.getuid() != 0:  # root reads everything
+        os.chmod(tmp_path / "shard-000002.tar", 0)
+        with pytest.raises(ValueError, match="shard-000002.tar: not readable"):
+            validate(compose_cfg(["data=shards", f"data.shards=[{tmp_path}/shard-000002.tar]"]))
+    assert validate(compose_cfg(["data=shards", ok])).data.shards == [f"{tmp_path}/shard-000000.tar"]
 
 
 def test_global_batch_must_divide():
@@ -260,7 +326,9 @@ def test_readme_brace_and_mixture_commands_work_verbatim():
         overrides = [a for a in shlex.split(command)[2:] if "=" in a and not a.startswith("-")]
         parsed = parser.parse_overrides(overrides)  # Hydra's own grammar: raises on what the shell hands it
         # A multirun's sweep (rope=mrope,vanilla) is one job per value; the data settings are what is checked here.
-        cfg = validate(compose_cfg([o.input_line for o in parsed if not o.is_sweep_override()]))
+        cfg = validate(
+            compose_cfg([o.input_line for o in parsed if not o.is_sweep_override()]), check_paths=False
+        )
         assert cfg.data.shards or cfg.data.mixture, command
         urls = [u for pattern in cfg.data.shards for u in braceexpand.braceexpand(pattern)]
         urls += [
@@ -271,3 +339,24 @@ def test_readme_brace_and_mixture_commands_work_verbatim():
                 f"no brace range expanded: {command}"
             )
         assert all("{" not in u for u in urls)
+
+
+def test_help_lists_every_key_with_its_description_and_a_sweep_example():
+    """`python train.py --help`: the groups, every schema key (described from the schema's own comments) and the
+    commands for a run, the user's shards (quoted) and a sweep."""
+    from mmrope.train.config import TrainConfig
+    from mmrope.train.help import key_descriptions
+
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=ROOT, env=clean_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "python train.py -m rope=mrope,vanilla trainer.max_steps=300 hydra.job.name=first" in out
+    assert "'data.shards=[\"/data/sft/shard-{000000..000511}.tar\"]'" in out
+    assert "rope: circlerope, grape, hope" in out  # the groups and their options
+    keys = [k for k, tp, _ in key_descriptions(TrainConfig) if tp != "section"]
+    assert len(keys) > 80 and all(f"    {k} (" in out for k in keys)
+    assert "trainer.max_steps (int)  optimizer steps of the whole run" in out
+    assert "trainer.resume (str)  auto | must | never" in out
+    assert "data.num_slots (int)\n        Virtual slots (data/loader.py)" in out  # a comment above its field

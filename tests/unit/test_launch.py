@@ -134,3 +134,34 @@ def test_hostfile_example_parses_with_deepspeed():
 
     lines = Path(LAUNCH / "hostfile.example").read_text().splitlines()
     assert _parse_hostfile(lines) == {"node-0": 8, "node-1": 8}
+
+
+def test_make_help_lists_every_target_as_written():
+    """`make help` greps the Makefile's `## ...` comments: they are printed as written, so `$$` shows as `$$`."""
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    targets = re.findall(r"^([a-zA-Z_-]+):.*?## ", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert [line.split()[1] for line in out.splitlines()] == targets
+    assert "$$" not in out and "-> $OUT" in out
+
+
+def test_dataloader_workers_are_capped_to_the_cores_the_slots_split_over():
+    """More DataLoader workers than cores only compete (torch warns, twice per run): the count is capped to the
+    largest one <= cores that the virtual slots split evenly over, with a note; torch then does not warn."""
+    import warnings
+
+    import torch
+
+    from mmrope.train.run import available_cores, fit_workers
+
+    notes = []
+    assert fit_workers(4, 8, 1, notes.append, cores=2) == 2 and "data.num_workers=4 > 2 CPU cores" in notes[0]
+    assert (
+        fit_workers(8, 12, 2, notes.append, cores=5) == 3
+    )  # 12 slots over 2 ranks x 3 workers (4 does not fit)
+    assert fit_workers(6, None, 1, notes.append, cores=4) == 4  # one slot per consumer: any count fits
+    assert fit_workers(2, 8, 1, notes.append, cores=16) == 2 and len(notes) == 3  # within the cores: as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "This DataLoader will create N worker processes" warning
+        torch.utils.data.DataLoader(
+            range(4), num_workers=fit_workers(available_cores() + 3, None, 1, notes.append)
+        )

@@ -36,3 +36,28 @@ def test_wandb_ids_are_stable_and_distinct_per_run_folder():
         wandb_run_id("runs/sweeps/s1/rope=mrope,trainer.max_steps=13"),
     }
     assert a not in others and len(others) == 3
+
+
+def test_a_resumed_run_keeps_one_record_per_step(tmp_path, capsys):
+    """Killed after logging steps 5 and 6 (and mid-way through a 7th line), resumed from the checkpoint of step 4:
+    the steps after 4 are dropped when the resumed run opens the log, so it holds each step once."""
+    import json
+
+    from mmrope.train.config import TrainConfig
+    from mmrope.train.metrics import Metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(
+        "".join(json.dumps({"step": s, "train/loss": 10.0 - s}) + "\n" for s in range(1, 7)) + '{"st'
+    )
+    cfg = TrainConfig()
+    cfg.trainer.wandb.mode = "disabled"
+    metrics = Metrics(cfg, tmp_path, enabled=True, start_step=4, flat_config={})
+    assert "dropped 3 record(s) after step 4" in capsys.readouterr().out
+    for step in (5, 6, 7):
+        metrics.log(step, {"train/loss": 0.5})
+    metrics.close()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["train/loss"] for r in records[3:]] == [6.0, 0.5, 0.5, 0.5]  # the resumed run's steps
+    assert not list(tmp_path.glob(".metrics.jsonl.tmp*"))  # replaced atomically, nothing left behind

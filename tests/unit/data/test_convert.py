@@ -261,21 +261,60 @@ def test_cli_accepts_a_few_rejects_and_refuses_nothing_converted(tmp_path):
     # it says how to train on what it wrote: a data.shards value that expands to exactly its shards
     from data.index import expand_urls
 
-    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", ok.stdout)
+    (pattern,) = re.findall(r"'data\.shards=\[\"(.*)\"\]'", ok.stdout)
     assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
     many = _cli(tmp_path, _llava(30, 0, tmp_path), "--quiet", "--max-shard-samples", "8")
-    (pattern,) = re.findall(r"'data\.shards=\[(.*)\]'", many.stdout)
+    (pattern,) = re.findall(r"'data\.shards=\[\"(.*)\"\]'", many.stdout)
     assert len(expand_urls(pattern)) == 4
     assert expand_urls(pattern) == sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar"))
     none = _cli(tmp_path, _llava(0, 3, tmp_path), "--quiet", "--max-reject-fraction", "1")
     assert none.returncode == 1 and "no record could be converted" in none.stderr
 
 
+def test_the_printed_command_parses_in_hydra_and_names_every_shard(tmp_path, monkeypatch):
+    """`'data.shards=[dir/shard-{000000..000005}.tar]'` (what it used to print) is a Hydra syntax error; the
+    printed command goes through the shell's and Hydra's parsers as is, composes, validates (every shard found)
+    and names exactly the written shards, also from a folder whose name holds a space and a quote."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from data.index import expand_urls
+    from mmrope.train.config import register_configs, validate
+    from tests.conftest import ROOT
+
+    register_configs()
+    monkeypatch.chdir(tmp_path)
+    for flags, num_shards in ((["--max-shard-samples", "5"], 6), ([], 1)):
+        out_dir = tmp_path / f"it's my {num_shards}"
+        src = tmp_path / "in.json"
+        src.write_text(json.dumps(_llava(30, 0, tmp_path)))
+        proc = io.StringIO()
+        with contextlib.redirect_stdout(proc):
+            main(
+                ["--input", str(src), "--image-root", str(tmp_path), "--out", out_dir.name, "--quiet", *flags]
+            )
+        (line,) = [x for x in proc.getvalue().splitlines() if x.startswith("train on them: ")]
+        argv = shlex.split(line.removeprefix("train on them: "))
+        assert argv[:3] == ["python", "train.py", "data=shards"]
+        overrides = [o.input_line for o in OverridesParser.create().parse_overrides(argv[2:])]
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = validate(compose("train", overrides=overrides))  # check_paths: every shard exists
+        written = sorted(str(p.relative_to(tmp_path)) for p in out_dir.glob("shard-*.tar"))
+        assert len(written) == num_shards and expand_urls(cfg.data.shards) == written
+
+
 def test_reject_reasons_say_what_is_wrong(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}]
     records = [
         {"id": "empty", "conversations": []},
         {"id": "notlist", "conversations": "hello"},
         {"id": "emptymsg", "messages": []},
+        {"id": "noturns", "image": "a.png"},  # LLaVA without `conversations`: was "no 'messages' field"
+        {"id": "broken", "image": "broken.png", "conversations": turns},
+        {"id": "gone", "image": "gone.png", "conversations": turns},
     ]
     src = tmp_path / "in.json"
     src.write_text(json.dumps(records))
@@ -287,6 +326,32 @@ def test_reject_reasons_say_what_is_wrong(tmp_path):
     assert details["empty"] == "'conversations' is an empty list"
     assert details["notlist"] == "'conversations' is a str, not a list of turns"
     assert details["emptymsg"] == "'messages' is an empty list"
+    assert details["noturns"] == (
+        "no 'conversations' (LLaVA / ShareGPT) or 'messages' field; the record's keys: 'id', 'image'"
+    )
+    # the file, and what is wrong with it (PIL's message names an in-memory BytesIO: not shown)
+    assert (
+        details["broken"] == f"{tmp_path}/broken.png: not a readable image (PIL cannot identify its format)"
+    )
+    assert details["gone"] == f"gone.png (looked up {tmp_path}/gone.png)"
+
+
+def test_a_wrong_image_root_says_so_and_shows_the_path_looked_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = _llava(3, 0, tmp_path)
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(records))
+    args = ["--input", str(src), "--out", "out", "--quiet"]
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
+        main([*args, "--image-root", "imgs"])  # no such folder
+    assert e.value.code == 2
+    assert f"--image-root imgs: not a directory (looked up {tmp_path}/imgs)" in err.getvalue()
+    (tmp_path / "elsewhere").mkdir()  # a folder, but not the one the images are in
+    proc = _cli(tmp_path, records, "--quiet", "--image-root", "elsewhere", "--max-reject-fraction", "1")
+    assert proc.returncode == 1 and "no record could be converted" in proc.stderr
+    assert (
+        f"3 record(s) name media not found under --image-root elsewhere ({tmp_path}/elsewhere)" in proc.stdout
+    )
 
 
 def test_progress_counts_every_record_and_quiet_shows_none(tmp_path, capsys):

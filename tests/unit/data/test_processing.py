@@ -122,6 +122,24 @@ def test_bad_records_raise_their_reason(proc, rec, reason):
     assert e.value.reason == reason
 
 
+def test_an_unreadable_image_is_named_not_shown_as_a_bytesio(proc):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": "img0.png"}]},
+        {"role": "assistant", "content": "x"},
+    ]
+    rec = {
+        "__key__": "k",
+        "json": json.dumps({"messages": messages, "id": "src-7"}).encode(),
+        "img0.png": b"no",
+    }
+    with pytest.raises(SampleError) as e:
+        proc(rec)
+    assert e.value.reason == "bad_image" and "BytesIO" not in str(e.value)
+    assert e.value.detail == (
+        "image member 'img0.png': not a readable image (PIL cannot identify its format) (record id 'src-7')"
+    )
+
+
 def test_errors_name_the_records_own_id(proc, tmp_path):
     """A converted record keeps its source id in the .json member: errors name it, not only the shard key."""
     messages = [{"role": "user", "content": "word " * 600}, {"role": "assistant", "content": "x"}]

@@ -160,9 +160,35 @@ def test_read_items_from_json_jsonl_and_shards(tmp_path, synthetic_shards):
         assert item.answer == messages[first]["content"].strip()
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"image": "missing.png", "question": "q", "answer": "a"}) + "\n")
-    with pytest.raises(ValueError, match="--data"):
+    bad.write_text(json.dumps({"image": "q", "question": 1, "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="--data"):  # a malformed item is an error in the data file
         read_items([str(bad)])
+
+
+def test_items_with_missing_or_unreadable_images_are_skipped_and_counted(tmp_path, tiny_processor):
+    """One item whose image file is gone used to abort the whole evaluation: it is skipped with its reason,
+    naming the file and the item id, and the others are evaluated."""
+    from data.processing import SampleProcessor
+    from mmrope.encodings import build
+    from mmrope.eval.vqa import read_items, usable_items
+
+    lines = _json_items(tmp_path).read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    extra = [
+        {"id": "gone", "image": "missing.png", "question": "q", "answer": "a"},
+        {"id": "broken", "image": "broken.png", "question": "q", "answer": "a"},
+    ]
+    path = tmp_path / "with_bad.jsonl"
+    path.write_text("\n".join([lines[0], *map(json.dumps, extra), *lines[1:]]) + "\n")
+    items = read_items([str(path)])
+    sp = SampleProcessor(tiny_processor, build("mrope"), max_tokens=1 << 30, layout="qwen2_5")
+    usable, skipped = usable_items(items, sp, checkpoint="c")
+    assert [i.key for i, _ in usable] == ["q0", "q1", "q2"]
+    assert [(s["key"], s["reason"]) for s in skipped] == [("gone", "missing_image"), ("broken", "bad_image")]
+    assert skipped[0]["detail"] == f"{tmp_path}/missing.png not found"
+    assert skipped[1]["detail"].startswith(
+        f"{tmp_path}/broken.png: image member 'img0.png': not a readable image"
+    )
 
 
 @pytest.mark.parametrize("name,dipe", [("mrope", False), ("mrope_i", True)])
