@@ -1,6 +1,6 @@
 """A small generated SFT set: images of simple shapes, conversations whose answers depend on the image.
 
-Each sample is a webdataset record in the project's shard format (see data/README section in the top README):
+Each sample is a webdataset record in the project's shard format (data/README.md, "The data path"):
   `<key>.json`   {"messages": [{"role": "user", "content": [{"type": "image", "image": "img0.png"},
                                                            {"type": "text", "text": "What shape is this?"}]},
                                {"role": "assistant", "content": "a red circle"}, ...]}

@@ -8,7 +8,7 @@ included; the tokenizer (with its chat template) and the image processor; and `m
 position encoding the model was trained with. With the family's own encoding (`mrope` for Qwen2-VL/Qwen2.5-VL,
 `mrope_i` for Qwen3-VL(-MoE)/Qwen3.5(-MoE); no DIPE, default hyperparameters but `mrope_section`) the directory is
 a stock checkpoint (`stock: true`): the family's `*ForConditionalGeneration.from_pretrained(out)` computes what the
-training model computed, given `mm_token_type_ids` (README). Any other export would compute something else there,
+training model computed, given `mm_token_type_ids` (mmrope/train/README.md). Any other export would compute something else there,
 so its config.json carries fields stock transformers refuses, with a message naming `mmrope.from_pretrained` and
 lmms-eval's `--model mmrope` (`mmrope.model.stock`). Every export loads with `mmrope.from_pretrained(out)`, which
 restores those fields and installs the encoding (and DIPE) from mmrope_encoding.json.

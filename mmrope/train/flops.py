@@ -1,6 +1,6 @@
 """Model FLOPs per optimizer step for Qwen2.5-VL / Qwen3-VL style VLMs, and MFU.
 
-Convention (the README copies this):
+Convention (mmrope/train/README.md links here rather than copying it):
 - A matmul ``[m, k] @ [k, n]`` costs ``2 * m * n * k`` FLOPs. Only matmuls are counted: no FLOPs for norms,
   activations, residual adds, biases, rotary embeddings, softmax or embedding lookups.
 - Training costs 3x the forward (forward + backward, the backward being ~2x: input grads and weight grads) for

@@ -1,6 +1,6 @@
 """Per-step throughput metrics: tokens/s, samples/s, model FLOPs and MFU, peak memory.
 
-FLOPs follow the convention of `mmrope.train.flops` (README "Metrics and MFU convention"): attention is
+FLOPs follow the convention in the docstring of `mmrope.train.flops`: attention is
 counted per packed sample, the frozen ViT forward-only, the LM head only on supervised tokens.
 """
 

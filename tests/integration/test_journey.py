@@ -2,8 +2,8 @@
 
 From a fresh folder, the README's commands verbatim (only `trainer.max_steps=300` becomes 4): convert, a
 2-encoding multirun with an extra override and wandb offline, the report, two exports, and VQA on a set with a
-text-only item; then the README's two loading snippets, each in a fresh process where torchvision cannot be
-imported: mmrope's `from_pretrained` path and stock transformers passing `mm_token_type_ids`. They must
+text-only item; then the two loading snippets of mmrope/train/README.md ("Export and loading"), each in a fresh
+process where torchvision cannot be imported: mmrope's `from_pretrained` path and stock transformers passing `mm_token_type_ids`. They must
 generate the same tokens.
 """
 

@@ -301,10 +301,12 @@ def test_data_shards_without_shards_fails_naming_the_key():
 
 
 def readme_data_commands() -> list[str]:
-    """Every `python train.py ...` command of the README that sets data.shards or data.mixture, verbatim."""
-    text = (ROOT / "README.md").read_text()
+    """Every `python train.py ...` command of the docs (README.md and the READMEs beside the code) that sets
+    data.shards or data.mixture, verbatim."""
+    from tests.readme import DOCS
+
     commands = []
-    for block in text.split("```")[1::2]:  # fenced code blocks
+    for block in [b for doc in DOCS for b in doc.read_text().split("```")[1::2]]:  # fenced code blocks
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith("python train.py") and ("data.shards=" in line or "data.mixture=" in line):
@@ -319,8 +321,8 @@ def test_readme_brace_and_mixture_commands_work_verbatim():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     commands = readme_data_commands()
-    assert any("{" in c and "data.shards=" in c for c in commands), "the README lost its brace example"
-    assert any("data.mixture=" in c for c in commands), "the README lost its mixture example"
+    assert any("{" in c and "data.shards=" in c for c in commands), "the docs lost their brace example"
+    assert any("data.mixture=" in c for c in commands), "the docs lost their mixture example"
     parser = OverridesParser.create()
     for command in commands:
         overrides = [a for a in shlex.split(command)[2:] if "=" in a and not a.startswith("-")]
