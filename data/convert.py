@@ -45,7 +45,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from data.index import image_error
+from data.processing import image_error
 from data.video import QWEN_VIDEO, VIDEO_EXTENSIONS, describe, probe
 
 FORMATS = ("auto", "llava", "sharegpt", "messages")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from data.video import VIDEO_EXTENSIONS, VideoMeta, probe
@@ -55,15 +55,6 @@ META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members; so d
 
 # What was read from shards in this process (tests and benchmarks count resume cost with it).
 IO: Counter = Counter()
-
-
-def image_error(e: Exception) -> str:
-    """What is wrong with an image PIL could not read, without the in-memory file PIL names in its message
-    (`cannot identify image file <_io.BytesIO object at 0x7f..>`): the caller names the file or member."""
-    if isinstance(e, UnidentifiedImageError):
-        return "not a readable image (PIL cannot identify its format)"
-    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class IndexInvalid(ValueError):

@@ -22,14 +22,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from data.index import image_error
 from data.pixels import pixel_table
 from data.processor import IM_END, IMAGE_PAD, VIDEO_PAD, VLProcessor
 from data.video import (
@@ -49,6 +49,15 @@ from mmrope.encodings import Encoding, TokenIds, anchored_positions
 IGNORE_INDEX = -100
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 PIXEL_FORMATS = ("float32", "uint8")
+
+
+def image_error(e: Exception) -> str:
+    """What is wrong with an image PIL could not read, without the in-memory file PIL names in its message
+    (`cannot identify image file <_io.BytesIO object at 0x7f..>`): the caller names the file or member."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not a readable image (PIL cannot identify its format)"
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def record_id(record: dict) -> str | None:

@@ -421,7 +421,7 @@ def register_configs() -> None:
     from mmrope.train.help import help_config
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    ConfigStore.instance().store(group="hydra/help", name="mmrope", node=help_config())
+    ConfigStore.instance().store(group="hydra/help", name="mmrope", node=help_config(TrainConfig))
 
 
 def validate(cfg: DictConfig | TrainConfig, *, check_paths: bool = True) -> TrainConfig:

@@ -105,11 +105,10 @@ maps such as rope.hparams, which the encoding checks); errors name the key. Use 
 """
 
 
-def help_config() -> dict:
-    """Hydra's help config (`hydra/help`): header, the groups, the keys with descriptions, this call's config."""
-    from mmrope.train.config import TrainConfig
-
-    keys = keys_text(TrainConfig).replace("${", "\\${")  # a comment quoting an interpolation stays literal
+def help_config(schema: type) -> dict:
+    """Hydra's help config (`hydra/help`): header, the groups, the keys of `schema` (the training config's
+    dataclass) with descriptions, this call's config."""
+    keys = keys_text(schema).replace("${", "\\${")  # a comment quoting an interpolation stays literal
     template = (
         "${hydra.help.header}\n"
         "== Config groups (group=option) ==\n$APP_CONFIG_GROUPS\n\n"
