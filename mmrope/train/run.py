@@ -16,13 +16,10 @@ from data.loader import PackedRowStream, ResumableLoader, video_report
 from data.processing import SampleProcessor
 from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
+from mmrope.distributed.parallelize import parallelize
 from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
-from mmrope.model.compile import compile_decoder
-from mmrope.model.freeze import apply_freeze
 from mmrope.model.install import install
-from mmrope.model.objective import SFTObjective
-from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
 from mmrope.train.config import OptimConfig, TrainConfig, model_tokens_per_second, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed, init_sequence_parallel
@@ -174,7 +171,7 @@ class Session:
 
 def build_session(cfg: TrainConfig) -> Session:
     d = init_distributed()
-    sp = init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)
+    init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)  # sets d.sp
     seed_everything(cfg.trainer.seed, d.rank)
     run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
     flat = flatten(cfg)
@@ -194,29 +191,14 @@ def build_session(cfg: TrainConfig) -> Session:
     )
     try:
         # the one seam
-        install(
-            model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe, sequence_parallel=sp
-        )
+        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)
     except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
         if not any(h in str(e) for h in encoding.hparams):
             raise
         raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
-    counts = apply_freeze(model, cfg.model.freeze)
-    apply_activation_checkpointing(
-        model,
-        cfg.model.activation_checkpointing,
-        cfg.model.activation_checkpointing_every,
-        cfg.model.activation_checkpointing_layers,
-    )
-    compiled = compile_decoder(model) if cfg.model.compile else []
-    objective = SFTObjective(
-        model,
-        loss_backend=cfg.loss.backend,
-        loss_chunk_size=cfg.loss.chunk_size,
-        zero_stage=cfg.deepspeed.stage,
-        balance_vision=d.dp_size > 1,
-        sequence_parallel=sp,
-    )
+    # freeze -> activation checkpointing -> compile -> sequence parallelism -> objective, in that order
+    parallel = parallelize(model, cfg, d)
+    objective, counts, compiled = parallel.objective, parallel.param_counts, parallel.compiled
 
     fingerprint = config_fingerprint(flat)
     latest = ckpt.latest()
