@@ -16,7 +16,7 @@ answer) and head, the share of its attention probability that lands on visual ke
 
 with `lse_all` the log-sum-exp of the logits over the keys the query may attend to (causal, same sample) and
 `lse_visual` the same over the allowed visual keys. The logits are those of the attention itself: the installed
-layer hands the ROTATED q/k to the recorder (`mmrope.model.install.MMRopeAttention`), and with DIPE a same-
+layer hands the ROTATED q/k to the recorder (`mmrope.model.attention_layer.MMRopeAttention`), and with DIPE a same-
 modality pair uses the dynamic query, a cross-modality pair the static one, all in one softmax (spec section 0).
 
 Cost: only the `Q_sel` selected query rows are scored against the `L` keys, in query chunks: O(Q_sel * L * H * D)

@@ -112,7 +112,7 @@ class ModelConfig:
     activation_checkpointing_every: int = 1  # with every_k: checkpoint layers k-1, 2k-1, ...
     # with first_n: checkpoint layers 0..n-1, keep the rest's activations
     activation_checkpointing_layers: int = 0
-    compile: bool = False  # torch.compile the LLM's RMSNorms and dense MLPs (mmrope/model/compile.py)
+    compile: bool = False  # torch.compile the LLM's RMSNorms and dense MLPs (mmrope/distributed/compile.py)
 
     def __post_init__(self) -> None:
         _one_of(self.kind, MODEL_KINDS, "model.kind")

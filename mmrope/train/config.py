@@ -301,7 +301,7 @@ class TrainerConfig:
     requeue_exit_code: int = 143  # exit status after a preemption save (SIGTERM/SIGUSR1): 128 + SIGTERM
     debug_inject_nan_at_step: int = 0  # testing aid: make the loss of this (1-based) step NaN; 0 = off
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out loss + probe every `eval.every` steps
-    # Ulysses sequence parallelism (mmrope.model.sequence_parallel): N consecutive ranks train one packed row,
+    # Ulysses sequence parallelism (mmrope.distributed.sequence_parallel): N consecutive ranks train one packed row,
     # each on L/N of its tokens; data-parallel size = world size / N. 1 = off.
     sequence_parallel_size: int = 1
 
@@ -549,8 +549,8 @@ def check_sequence_parallel(cfg: TrainConfig) -> None:
     sp = cfg.trainer.sequence_parallel_size
     if sp == 1:
         return
+    from mmrope.distributed.sequence_parallel import check_heads
     from mmrope.model.families import text_geometry
-    from mmrope.model.sequence_parallel import check_heads
 
     key = "trainer.sequence_parallel_size"
     m = cfg.model

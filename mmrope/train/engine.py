@@ -7,6 +7,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ class Dist:
     local_rank: int
     device: torch.device
     sp_size: int = 1  # trainer.sequence_parallel_size: consecutive ranks [k*N, (k+1)*N) train one row
+    sp: Any = None  # this rank's mmrope.distributed.sequence_parallel.SequenceParallel group, None for size 1
 
     @property
     def is_main(self) -> bool:
@@ -85,10 +87,11 @@ def init_distributed() -> Dist:
 
 def init_sequence_parallel(d: Dist, size: int):
     """The SP groups of `size` consecutive ranks (torch process groups; every rank creates every group, as
-    `new_group` requires); returns this rank's `SequenceParallel`, or None for size 1. Sets `d.sp_size`."""
+    `new_group` requires); returns this rank's `SequenceParallel`, or None for size 1. Sets `d.sp_size` and
+    `d.sp`."""
     if size == 1:
         return None
-    from mmrope.model.sequence_parallel import SequenceParallel
+    from mmrope.distributed.sequence_parallel import SequenceParallel
 
     if d.world_size % size:
         raise ValueError(
@@ -100,7 +103,8 @@ def init_sequence_parallel(d: Dist, size: int):
         if start <= d.rank < start + size:
             mine = group
     d.sp_size = size
-    return SequenceParallel(mine, size=size, rank=d.rank % size)
+    d.sp = SequenceParallel(mine, size=size, rank=d.rank % size)
+    return d.sp
 
 
 def all_reduce_values(values: list[float], op: str = "sum") -> list[float]:
@@ -157,10 +161,27 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def register_external_parameters(module: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's partitioned parameters when the module is CALLED; parameters read without a
+    call must be registered with the module that reads them. The objective reads the LM head weight directly
+    (the loss never builds full-vocabulary logits), and Qwen3.5's delta-net reads its causal conv's weight
+    without calling the conv (`external_parameters()` of such a layer)."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(module, module.vlm.lm_head.weight)
+    for sub in module.vlm.modules():
+        for param in getattr(sub, "external_parameters", lambda: [])():
+            deepspeed.zero.register_external_parameter(sub, param)
+
+
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
-    """DeepSpeed engine over `module` with AdamW (no decay on norms/biases) and cosine-to-min-LR schedule."""
+    """DeepSpeed engine over `module` (the objective: `module.vlm` is the model) with AdamW (no decay on
+    norms/biases) and cosine-to-min-LR schedule; under ZeRO-3 its externally read parameters are registered."""
     import deepspeed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    if cfg.deepspeed.stage == 3:
+        register_external_parameters(module)
 
     o = cfg.trainer.optim
     optimizer = torch.optim.AdamW(

@@ -17,13 +17,10 @@ from data.loader import PackedRowStream, ResumableLoader, video_report
 from data.processing import SampleProcessor
 from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
+from mmrope.distributed.parallelize import parallelize
 from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
-from mmrope.model.compile import compile_decoder
-from mmrope.model.freeze import apply_freeze
 from mmrope.model.install import install
-from mmrope.model.objective import SFTObjective
-from mmrope.model.recompute import apply_activation_checkpointing
 from mmrope.train import rundir
 from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
 from mmrope.train.config import OptimConfig, TrainConfig, model_tokens_per_second, rope_hparams_error
@@ -230,7 +227,7 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
         cfg, run_dir, CheckpointManager(run_dir / "checkpoints", rank=0, world_size=1), fingerprint
     )
     d = init_distributed()
-    sp = init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)
+    init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)  # sets d.sp
     seed_everything(cfg.trainer.seed, d.rank)
     ckpt = CheckpointManager(
         run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
@@ -256,29 +253,14 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     )
     try:
         # the one seam
-        install(
-            model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe, sequence_parallel=sp
-        )
+        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)
     except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
         if not any(h in str(e) for h in encoding.hparams):
             raise
         raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
-    counts = apply_freeze(model, cfg.model.freeze)
-    apply_activation_checkpointing(
-        model,
-        cfg.model.activation_checkpointing,
-        cfg.model.activation_checkpointing_every,
-        cfg.model.activation_checkpointing_layers,
-    )
-    compiled = compile_decoder(model) if cfg.model.compile else []
-    objective = SFTObjective(
-        model,
-        loss_backend=cfg.loss.backend,
-        loss_chunk_size=cfg.loss.chunk_size,
-        zero_stage=cfg.deepspeed.stage,
-        balance_vision=d.dp_size > 1,
-        sequence_parallel=sp,
-    )
+    # freeze -> activation checkpointing -> compile -> sequence parallelism -> objective, in that order
+    parallel = parallelize(model, cfg, d)
+    objective, counts, compiled = parallel.objective, parallel.param_counts, parallel.compiled
 
     if resized:
         ckpt.universal(latest)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from mmrope.attention import TORCH_VARLEN, resolve_backend
+from mmrope.distributed.compile import compile_decoder
+from mmrope.distributed.recompute import apply_activation_checkpointing
 from mmrope.encodings import anchored_positions, build
-from mmrope.model.compile import compile_decoder
 from mmrope.model.install import install, seam_kwargs
-from mmrope.model.recompute import apply_activation_checkpointing
 from tests.unit.model.tiny import TOKENS, image_sample, pixels, tiny_qwen2_5_vl
 
 pytestmark = [

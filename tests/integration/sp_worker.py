@@ -3,7 +3,7 @@ DeepSpeed's import are paid once).
 
 Parity: for each encoding and ZeRO stage, the same packed rows through (a) a plain model on this process alone
 (no SP, no DeepSpeed) and (b) the DeepSpeed engine with trainer.sequence_parallel_size=N (N = the launched ranks),
-each rank encoding its share of the rows' images and videos (mmrope.model.vision_split).
+each rank encoding its share of the rows' images and videos (mmrope.distributed.vision_split).
 Resume: a real training session under SP (build_session, ZeRO-2, activation checkpointing) run 4 steps with a
 checkpoint at step 2, and a second run resumed from that checkpoint.
 
@@ -32,12 +32,14 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from data.loader import PackedRowStream  # noqa: E402
 from data.pixels import to_device  # noqa: E402
+from mmrope.distributed.objective import SequenceParallelObjective  # noqa: E402
+from mmrope.distributed.recompute import apply_activation_checkpointing  # noqa: E402
+from mmrope.distributed.sequence_parallel import apply_sequence_parallel  # noqa: E402
 from mmrope.encodings import build as build_encoding  # noqa: E402
 from mmrope.model.build import build_model  # noqa: E402
 from mmrope.model.freeze import apply_freeze  # noqa: E402
 from mmrope.model.install import install  # noqa: E402
 from mmrope.model.objective import SFTObjective, num_supervised  # noqa: E402
-from mmrope.model.recompute import apply_activation_checkpointing  # noqa: E402
 from mmrope.train.config import register_configs, validate  # noqa: E402
 from mmrope.train.engine import build_engine, init_distributed, init_sequence_parallel  # noqa: E402
 from mmrope.train.run import make_processor, make_sample_processor, shard_urls  # noqa: E402
@@ -159,8 +161,9 @@ def run_case(case: str, stages: list[int], overrides: list[str], sp) -> dict:
     for stage in stages:
         cfg.deepspeed.stage = stage
         vlm = model(checkpointing=stage == 3)
-        install(vlm, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe, sequence_parallel=sp)
-        obj = SFTObjective(vlm, zero_stage=stage, sequence_parallel=sp)
+        install(vlm, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)
+        apply_sequence_parallel(vlm, sp)
+        obj = SequenceParallelObjective(vlm, sp)
         engine, _, _ = build_engine(obj, cfg, d.world_size)
         vit_patches = count_vit_patches(vlm.model.visual)
         sp_loss = torch.zeros((), dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism on CPU (gloo): 2 ranks with trainer.sequence_parallel_size=2 (and 4 ranks with 4)
 against 1 process without SP, on the same packed rows (images, a video, text-only samples; one row of odd length,
-so padded). Every rank encodes only its share of the rows' images and videos (mmrope.model.vision_split).
+so padded). Every rank encodes only its share of the rows' images and videos (mmrope.distributed.vision_split).
 
 One torchrun launch per group size (`sp_worker.py`) runs every case: per encoding (and Qwen3-VL with its deepstack
 features) the plain model's loss and gradients (the reference, no SP, no DeepSpeed) and the SP engine's under

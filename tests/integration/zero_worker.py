@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from mmrope.model.compile import compiled_modules  # noqa: E402
+from mmrope.distributed.compile import compiled_modules  # noqa: E402
 from mmrope.train.config import register_configs, validate  # noqa: E402
 from mmrope.train.run import build_session  # noqa: E402
 

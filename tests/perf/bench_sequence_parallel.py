@@ -12,7 +12,7 @@ Every process runs one thread (OMP_NUM_THREADS=1): the process without SP uses o
 per rank, and the figures are per rank. On CPU the all-to-all is a memory copy through gloo; on GPUs it crosses
 NVLink, which the computed volume below sizes.
 
-`--vision` measures the vision step alone instead (issue 23, `mmrope.model.vision_split`): per rank, the vision
+`--vision` measures the vision step alone instead (issue 23, `mmrope.distributed.vision_split`): per rank, the vision
 tower's time (inside its forward), the whole vision step's time (tower + the all-gather + the connector's backward
 from a loss on the gathered features) and the peak RSS growth, for SP=1 and for SP=2 and 4 with every rank running
 the whole row (`split_vision=False`, before) and with each rank encoding its share (after). Qwen2.5-VL's tiny
@@ -62,13 +62,24 @@ def packed_row(num_tokens: int, seed: int = 0) -> dict:
     }
 
 
+def sp_objective(model, sp, **kwargs):
+    """The objective the trainer builds: Ulysses on the attention layers and the SP objective, or single-device."""
+    from mmrope.distributed.objective import SequenceParallelObjective
+    from mmrope.distributed.sequence_parallel import apply_sequence_parallel
+    from mmrope.model.objective import SFTObjective
+
+    if sp is None:
+        return SFTObjective(model)
+    apply_sequence_parallel(model, sp)
+    return SequenceParallelObjective(model, sp, **kwargs)
+
+
 def run_rank(num_tokens: int, steps: int, sp_size: int) -> dict:
     """Time `steps` forward + backward steps (after one warm-up) on this process; peak RSS growth during them."""
     from mmrope.encodings import build as build_encoding
     from mmrope.model.build import build_model
     from mmrope.model.config import ModelConfig, TinyModelConfig
     from mmrope.model.install import install
-    from mmrope.model.objective import SFTObjective
 
     sp = None
     if sp_size > 1:
@@ -77,8 +88,8 @@ def run_rank(num_tokens: int, steps: int, sp_size: int) -> dict:
         sp = init_sequence_parallel(init_distributed(), sp_size)
     cfg = ModelConfig(tiny=TinyModelConfig(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
     model = build_model(cfg, vocab_size=VOCAB, special_ids=SPECIAL, seed=0)
-    install(model, build_encoding("mrope", mrope_section=[8, 12, 12]), sequence_parallel=sp)
-    objective = SFTObjective(model, sequence_parallel=sp)
+    install(model, build_encoding("mrope", mrope_section=[8, 12, 12]))
+    objective = sp_objective(model, sp)
     row = packed_row(num_tokens)
 
     def step() -> None:
@@ -125,7 +136,6 @@ def run_vision_rank(steps: int, sp_size: int, split: bool) -> dict:
     from mmrope.model.config import ModelConfig, TinyModelConfig
     from mmrope.model.freeze import apply_freeze
     from mmrope.model.install import install
-    from mmrope.model.objective import SFTObjective
 
     sp = None
     if sp_size > 1:
@@ -142,10 +152,8 @@ def run_vision_rank(steps: int, sp_size: int, split: bool) -> dict:
     cfg = ModelConfig(tiny=tiny)
     model = build_model(cfg, vocab_size=VOCAB, special_ids=SPECIAL, seed=0)
     apply_freeze(model, cfg.freeze)  # the ViT frozen, the connector trained
-    install(
-        model, build_encoding("mrope", mrope_section=[8, 12, 12]), attn_backend="auto", sequence_parallel=sp
-    )
-    objective = SFTObjective(model, sequence_parallel=sp, split_vision=split)
+    install(model, build_encoding("mrope", mrope_section=[8, 12, 12]), attn_backend="auto")
+    objective = sp_objective(model, sp, split_vision=split)
     row = vision_row()
     vit_s, patches = [], []  # the tower's calls in a step: -start, end; the patches of each
 
@@ -252,7 +260,7 @@ def memory_per_rank_gb(num_tokens: int, sp: int, *, zero_stage: int, num_gpus: i
     embeddings = (
         2 * num_tokens * HIDDEN * 2
     )  # merged embeddings of the WHOLE row and their gradient, every rank
-    # the frozen ViT (no graph) on this rank's share of the row's images (mmrope.model.vision_split; balanced
+    # the frozen ViT (no graph) on this rank's share of the row's images (mmrope.distributed.vision_split; balanced
     # shares of whole images: 1/N of the patches up to one image)
     vit = num_tokens * 4 // sp * (VIT_HIDDEN * 2 + VIT_INTERMEDIATE) * 2
     loss = LOSS_CHUNK * VOCAB_7B * 4  # one chunk of fp32 logits

@@ -23,7 +23,7 @@ that N-layer model, which is said in the output (`num_layers`).
 
 Variants of mmrope's path (`--variants`, LLM MFU per variant; `best` is the highest): `all` recomputes every
 decoder layer (the shipped default), `first_n=N` only the first N (the others keep their activations: less
-recompute, more memory), `every_k=K` every K-th; `+compile` adds `model.compile` (mmrope/model/compile.py: fused
+recompute, more memory), `every_k=K` every K-th; `+compile` adds `model.compile` (mmrope/distributed/compile.py: fused
 RMSNorms and SwiGLU products), `+liger` uses `loss.backend=liger` (Liger's fused linear cross-entropy). They run
 in the given order on one model (compiled variants last: compiling is not undone); a variant that fails (out of
 memory, a compile error) is recorded and the next one still runs. `--profile` adds a kernel-time breakdown
@@ -49,11 +49,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from mmrope.distributed.compile import compile_decoder  # noqa: E402
+from mmrope.distributed.recompute import apply_activation_checkpointing  # noqa: E402
 from mmrope.encodings import TokenIds, anchored_positions, build  # noqa: E402
-from mmrope.model.compile import compile_decoder  # noqa: E402
 from mmrope.model.install import install  # noqa: E402
 from mmrope.model.objective import SFTObjective  # noqa: E402
-from mmrope.model.recompute import apply_activation_checkpointing  # noqa: E402
 from mmrope.train.flops import shapes_from_hf_config, step_flops  # noqa: E402
 
 PRESETS = {

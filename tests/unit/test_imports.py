@@ -2,7 +2,8 @@
 
 - no import circle between the project's modules (a lazy import inside a function still ties two modules
   together: it only hides the circle until the day someone moves it to the top);
-- model code is architecture only: `mmrope/model/` imports nothing from training, evaluation or data;
+- model code is architecture only: `mmrope/model/` imports nothing from training, evaluation or data, nothing
+  from `mmrope.distributed` (parallelism is applied to the model from outside) and no DeepSpeed;
 - `mmrope/encodings` is pure torch: no transformers, DeepSpeed or data;
 - `data` knows no model and no trainer: it imports nothing from `mmrope.model` or `mmrope.train`;
 - `mmrope.eval` knows exports, not the trainer: it imports nothing from `mmrope.train` (a training checkpoint is
@@ -102,6 +103,34 @@ def test_model_code_imports_no_training_evaluation_or_data():
         if dep.startswith(("mmrope.train", "mmrope.eval", "data"))
     }
     assert not bad, sorted(bad)
+
+
+def external_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports anywhere in `path` (inside functions too): `deepspeed`, ..."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_model_code_is_single_device():
+    """No DeepSpeed and no parallelism technique in `mmrope/model`, not even lazily: `parallelize` applies them."""
+    deepspeed = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "mmrope" / "model").rglob("*.py"))
+        if "deepspeed" in external_imports(p)
+    ]
+    assert not deepspeed, f"mmrope/model imports deepspeed: {deepspeed}"
+    assert not forbidden_edges(import_graph(), "mmrope.model", ("mmrope.distributed",))
+
+
+def test_the_deepspeed_rule_can_fail(tmp_path):
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("def f():\n    from deepspeed.sequence.layer import _SeqAllToAll\n    import torch\n")
+    assert external_imports(lazy) == {"deepspeed", "torch"}
 
 
 def forbidden_edges(

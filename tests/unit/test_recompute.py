@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmrope.distributed.recompute import apply_activation_checkpointing
 from mmrope.model.build import build_model
 from mmrope.model.config import FreezeConfig, ModelConfig, TinyModelConfig
 from mmrope.model.freeze import apply_freeze
-from mmrope.model.recompute import apply_activation_checkpointing
 
 SPECIAL = {
     "image_token_id": 5,

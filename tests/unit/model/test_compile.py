@@ -12,10 +12,10 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from mmrope.distributed.compile import FusedSwiGLU, compile_decoder, compiled_modules
+from mmrope.distributed.recompute import apply_activation_checkpointing
 from mmrope.encodings import anchored_positions, build
-from mmrope.model.compile import FusedSwiGLU, compile_decoder, compiled_modules
 from mmrope.model.install import install, seam_kwargs
-from mmrope.model.recompute import apply_activation_checkpointing
 from tests.unit.model.tiny import TOKENS, image_sample, pixels, tiny_family, tiny_qwen2_5_vl
 
 

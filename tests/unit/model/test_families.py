@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from mmrope.encodings import build
+from mmrope.model.attention_layer import MMRopeAttention
 from mmrope.model.families import FAMILIES, EncodingMisfit, check_encoding, text_geometry
 from mmrope.model.generate import greedy_generate
-from mmrope.model.install import MMRopeAttention, PackedLinearAttention, install, seam_kwargs
+from mmrope.model.install import install, seam_kwargs
+from mmrope.model.linear_attention import PackedLinearAttention
 from tests.unit.model.tiny import PAD_ID, TOKENS, image_sample, pixels, tiny_family, video_sample
 
 ALL = sorted(FAMILIES)

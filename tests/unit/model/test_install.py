@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from mmrope.encodings import anchored_positions, available, build
+from mmrope.model.attention_layer import MMRopeAttention
 from mmrope.model.generate import greedy_generate
-from mmrope.model.install import MMRopeAttention, install, seam_kwargs
+from mmrope.model.install import install, seam_kwargs
 from tests.unit.model.tiny import PAD_ID, TOKENS, image_sample, pixels, tiny_qwen2_5_vl
 
 # Hyperparameters that fit head_dim 16 (8 rotary pairs); mhrope counts KV heads.

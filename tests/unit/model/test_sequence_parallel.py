@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mmrope.model.sequence_parallel import (
+from mmrope.distributed.sequence_parallel import (
     SequenceParallel,
     check_heads,
     expand_kv_heads,
@@ -96,3 +96,27 @@ def test_kv_heads_fewer_than_the_group_are_repeated_in_order():
     k_BHLD = torch.arange(2.0).view(1, 2, 1, 1)
     assert expand_kv_heads(k_BHLD, 4).flatten().tolist() == [0, 0, 1, 1]
     assert expand_kv_heads(k_BHLD, 2) is k_BHLD
+
+
+def test_ulysses_wraps_the_layers_attention_function_only():
+    """apply_sequence_parallel replaces each attention layer's `attend` (the seam), nothing else; the model code
+    itself has no SP branch, and a model with delta-net layers is refused naming the config key."""
+    from mmrope.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel
+    from mmrope.encodings import build
+    from mmrope.model.attention_layer import MMRopeAttention
+    from mmrope.model.install import install
+    from tests.unit.model.tiny import tiny_family, tiny_qwen2_5_vl
+
+    model = install(tiny_qwen2_5_vl(), build("mrope", mrope_section=[2, 3, 3]))
+    names = [n for n, _ in model.named_parameters()]
+    sp = SequenceParallel(group=None, size=2, rank=0)
+    assert apply_sequence_parallel(model, sp) == 2
+    apply_sequence_parallel(model, sp)  # idempotent: no wrapper around a wrapper
+    for layer in model.model.language_model.layers:
+        attend = layer.self_attn.attend
+        assert isinstance(attend, UlyssesAttention) and attend.sp is sp
+        assert attend.attend.__func__ is MMRopeAttention.attend  # the single-device function, wrapped once
+    assert [n for n, _ in model.named_parameters()] == names  # state_dict keys stay stock
+    delta = install(tiny_family("qwen3_5"), build("mrope_i", mrope_section=[4, 2, 2]))
+    with pytest.raises(ValueError, match=KEY):
+        apply_sequence_parallel(delta, sp)

@@ -1,4 +1,4 @@
-"""The plan of the vision split (mmrope.model.vision_split): contiguous shares of whole images, balanced by patch
+"""The plan of the vision split (mmrope.distributed.vision_split): contiguous shares of whole images, balanced by patch
 count, the same on every rank. The split itself (all-gather, gradients, deepstack) runs against one process without
 SP in tests/integration/test_sequence_parallel.py."""
 
@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from mmrope.model.vision_split import grid_patches, plan_media, plan_shares
+from mmrope.distributed.vision_split import grid_patches, plan_media, plan_shares
 
 
 def best_largest_share(patches: list[int], size: int) -> int:

@@ -28,7 +28,7 @@ every rank the whole row's features again, in row order:
   equally often, and the dummy tells an empty rank the features' width and dtype for the all-gather.
 
 Single-device model code stays untouched: this is a wrapper around the model's own `get_image_features` /
-`get_video_features`, given the group (`mmrope.model.sequence_parallel.SequenceParallel`).
+`get_video_features`, given the group (`mmrope.distributed.sequence_parallel.SequenceParallel`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mmrope.model.objective import tensors_of
+
 if TYPE_CHECKING:
-    from mmrope.model.sequence_parallel import SequenceParallel
+    from mmrope.distributed.sequence_parallel import SequenceParallel
 
 # (media kind, pixels key, grid key) in the order the tower encodes them (images first, as the stock forward)
 KINDS = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
@@ -227,14 +229,3 @@ def _pack(out) -> tuple[Tensor, int]:
     for layer in getattr(out, "deepstack_features", None) or []:
         blocks.append(torch.cat(layer, dim=0))
     return torch.cat(blocks, dim=1), len(blocks)
-
-
-def tensors_of(value) -> list[Tensor]:
-    """Every tensor inside a (nested) model output."""
-    if torch.is_tensor(value):
-        return [value]
-    if hasattr(value, "values"):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors_of(v)]
-    return []
