@@ -12,14 +12,48 @@ linear-attention (gated delta-net) layers. Architecture only: no DeepSpeed, no d
 | qwen3_vl_moe | Qwen3VLMoe* | qwen3 | mrope_i | attention, q/k norm, MoE MLP |
 | qwen3_5 | Qwen3_5* | qwen3 | mrope_i (partial rotary) | 3 gated delta-net : 1 gated attention |
 | qwen3_5_moe | Qwen3_5Moe* | qwen3 | mrope_i (partial rotary) | as qwen3_5, MoE MLP |
+
+Each row also names its modules by adapter role (`adapter_roles`, for `adapter.targets`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import transformers
+
+# ----------------------------------------------------------------------------------------------------------------
+# adapter roles (mmrope/model/adapters.py): what `adapter.targets` names, resolved per family to module names.
+# Each role is a tuple of regular expressions that must match a module's whole qualified name in the
+# `*ForConditionalGeneration` model. The stock names differ across families where users' LoRA target lists go wrong:
+# the Qwen ViTs fuse q/k/v into one `attn.qkv`, Qwen2-VL's ViT MLP is `fc1/fc2`, Qwen2.5-VL's a SwiGLU, Qwen3-VL's
+# `linear_fc1/fc2`; Qwen3.5's gated delta-net layers have their own projections.
+
+ADAPTER_ROLES = ("llm.attention", "llm.mlp", "connector", "vision.attention", "vision.mlp", "lm_head")
+_LLM = r"model\.language_model\.layers\.\d+\."
+_VIT = r"model\.visual\.blocks\.\d+\."
+
+
+def _roles(*, vision_mlp: str, connector: tuple[str, ...], delta_net: bool = False, moe: bool = False):
+    return {
+        "llm.attention": (_LLM + r"self_attn\.[qkvo]_proj",)
+        # the gated delta-net's projections (in, gate z, out); its per-head scalars a/b stay out (width = heads)
+        + ((_LLM + r"linear_attn\.(in_proj_qkv|in_proj_z|out_proj)",) if delta_net else ()),
+        # MoE experts are fused 3D parameters (no nn.Linear per expert): no role matches them (refused by name)
+        "llm.mlp": () if moe else (_LLM + r"mlp\.(gate|up|down)_proj",),
+        "connector": connector,
+        "vision.attention": (_VIT + r"attn\.(qkv|proj)",),  # fused q/k/v
+        "vision.mlp": (_VIT + vision_mlp,),
+        "lm_head": (r"lm_head",),
+    }
+
+
+_QWEN2_CONNECTOR = (r"model\.visual\.merger\.mlp\.[02]",)
+_QWEN3_CONNECTOR = (
+    r"model\.visual\.merger\.linear_fc[12]",
+    r"model\.visual\.deepstack_merger_list\.\d+\.linear_fc[12]",  # Qwen3-VL's DeepStack mergers
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +64,8 @@ class Family:
     stock_encoding: str  # the encoding whose installed logits equal the stock model's
     linear_attention: bool = False  # Qwen3.5: gated delta-net layers next to the attention layers
     moe: bool = False
+    # adapter role -> regular expressions of qualified module names (`_roles`): the hook adapters.py resolves
+    adapter_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def model_class(self) -> type:
@@ -43,12 +79,56 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("qwen2_vl", "Qwen2VL", "qwen2", "mrope"),
-        Family("qwen2_5_vl", "Qwen2_5_VL", "qwen2_5", "mrope"),
-        Family("qwen3_vl", "Qwen3VL", "qwen3", "mrope_i"),
-        Family("qwen3_vl_moe", "Qwen3VLMoe", "qwen3", "mrope_i", moe=True),
-        Family("qwen3_5", "Qwen3_5", "qwen3", "mrope_i", linear_attention=True),
-        Family("qwen3_5_moe", "Qwen3_5Moe", "qwen3", "mrope_i", linear_attention=True, moe=True),
+        Family(
+            "qwen2_vl",
+            "Qwen2VL",
+            "qwen2",
+            "mrope",
+            adapter_roles=_roles(vision_mlp=r"mlp\.fc[12]", connector=_QWEN2_CONNECTOR),
+        ),
+        Family(
+            "qwen2_5_vl",
+            "Qwen2_5_VL",
+            "qwen2_5",
+            "mrope",
+            adapter_roles=_roles(vision_mlp=r"mlp\.(gate|up|down)_proj", connector=_QWEN2_CONNECTOR),
+        ),
+        Family(
+            "qwen3_vl",
+            "Qwen3VL",
+            "qwen3",
+            "mrope_i",
+            adapter_roles=_roles(vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR),
+        ),
+        Family(
+            "qwen3_vl_moe",
+            "Qwen3VLMoe",
+            "qwen3",
+            "mrope_i",
+            moe=True,
+            adapter_roles=_roles(vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR, moe=True),
+        ),
+        Family(
+            "qwen3_5",
+            "Qwen3_5",
+            "qwen3",
+            "mrope_i",
+            linear_attention=True,
+            adapter_roles=_roles(
+                vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR, delta_net=True
+            ),
+        ),
+        Family(
+            "qwen3_5_moe",
+            "Qwen3_5Moe",
+            "qwen3",
+            "mrope_i",
+            linear_attention=True,
+            moe=True,
+            adapter_roles=_roles(
+                vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR, delta_net=True, moe=True
+            ),
+        ),
     )
 }
 

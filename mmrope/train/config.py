@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.video import VideoSampling
-from mmrope.model.config import ModelConfig, _one_of, _require
+from mmrope.model.config import AdapterConfig, ModelConfig, _one_of, _require
 from mmrope.model.families import FAMILIES
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -309,6 +309,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks that train different rows: world size / trainer.sequence_parallel_size."""
@@ -365,7 +366,57 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     check_rope_fits_model(obj)
     check_sequence_parallel(obj)
     check_loss_backend(obj)
+    check_adapter(obj)
     return obj
+
+
+def check_adapter(cfg: TrainConfig) -> None:
+    """What the adapter needs from the rest of the config and this machine, refused before any model is built:
+    adapter=qlora needs CUDA and bitsandbytes; llm.mlp on an MoE family (experts are fused 3D parameters, which
+    PEFT's LoRA layers do not wrap); lm_head (the loss reads its weight directly, past any adapter)."""
+    a = cfg.adapter
+    if a.name == "none":
+        return
+    import torch
+
+    if a.name == "qlora":
+        _require(
+            torch.cuda.is_available(),
+            "adapter=qlora",
+            "the 4-bit base (bitsandbytes NF4) runs on CUDA only; on this machine use adapter=lora",
+        )
+        _require(
+            cfg.deepspeed.stage != 3,
+            "deepspeed.stage",
+            "adapter=qlora keeps its 4-bit base whole on every GPU (ZeRO-3 cannot partition bitsandbytes' packed "
+            "4-bit weights); use deepspeed=zero2 (the base is 4-bit already, the adapters are small)",
+        )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f"config key `adapter=qlora`: bitsandbytes is not importable ({e}); `pip install bitsandbytes`"
+            ) from e
+    family = FAMILIES[cfg.model.family]
+    for role in a.targets:
+        _require(
+            bool(family.adapter_roles.get(role)),
+            "adapter.targets",
+            f"{role} matches no module of model.family={cfg.model.family}"
+            + (
+                ": its MoE experts are fused 3D parameters that PEFT's LoRA layers do not wrap; adapt "
+                "llm.attention (and connector) and leave the experts frozen, or train them fully (adapter=none)"
+                if family.moe and role == "llm.mlp"
+                else ""
+            ),
+        )
+    _require(
+        "lm_head" not in a.targets,
+        "adapter.targets",
+        "lm_head cannot take an adapter: the loss reads lm_head.weight directly (chunked or fused cross-entropy "
+        "without full logits, mmrope/model/loss.py), so its adapter would not take part in training; unfreeze "
+        "it instead (model.freeze.lm_head=false) or drop lm_head from the targets",
+    )
 
 
 def check_loss_backend(cfg: TrainConfig) -> None:

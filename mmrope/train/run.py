@@ -17,9 +17,10 @@ from data.processing import SampleProcessor
 from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
 from mmrope.encodings import build as build_encoding
+from mmrope.model.adapters import apply_adapter
 from mmrope.model.build import build_model
 from mmrope.model.compile import compile_decoder
-from mmrope.model.freeze import apply_freeze
+from mmrope.model.freeze import apply_freeze, group_counts
 from mmrope.model.install import install
 from mmrope.model.objective import SFTObjective
 from mmrope.model.recompute import apply_activation_checkpointing
@@ -85,8 +86,11 @@ def apply_optim_config(engine, optim: OptimConfig) -> None:
     """
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    for group, decay in zip(groups, (optim.weight_decay, 0.0)):  # param_groups(): [decay, no decay]
-        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay)
+    for i, group in enumerate(groups):  # param_groups(): [decay, no decay] (older checkpoints: unmarked)
+        no_decay = group.get("no_decay", i == 1)
+        group.update(
+            betas=tuple(optim.betas), eps=optim.eps, weight_decay=0.0 if no_decay else optim.weight_decay
+        )
     scheduler.base_lrs = [optim.lr] * len(groups)
     lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
     for group, lr in zip(groups, lrs):
@@ -177,7 +181,12 @@ def build_session(cfg: TrainConfig) -> Session:
     run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
     flat = flatten(cfg)
     ckpt = CheckpointManager(
-        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
+        run_dir / "checkpoints",
+        rank=d.rank,
+        world_size=d.world_size,
+        keep_last=cfg.trainer.keep_last,
+        # with an adapter only what trains is saved (the frozen base is rebuilt from the config on resume/export)
+        trainable_only=cfg.adapter.name != "none",
     )
     if cfg.trainer.resume == "never":
         refuse_to_reuse(run_dir, ckpt)
@@ -199,7 +208,10 @@ def build_session(cfg: TrainConfig) -> Session:
         if not any(h in str(e) for h in encoding.hparams):
             raise
         raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
-    counts = apply_freeze(model, cfg.model.freeze)
+    counts = apply_freeze(model, cfg.model.freeze, adapter=cfg.adapter.name != "none")
+    adapter = apply_adapter(model, cfg.adapter, seed=cfg.trainer.seed)  # LoRA: its own, then what trains
+    if adapter is not None:
+        counts = group_counts(model)
     apply_activation_checkpointing(
         model,
         cfg.model.activation_checkpointing,
@@ -285,6 +297,8 @@ def build_session(cfg: TrainConfig) -> Session:
         )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    for line in adapter.lines(cfg.adapter) if adapter is not None else []:
+        metrics.print(line)
     if compiled:
         metrics.print(
             f"  model.compile: {len(compiled)} LLM modules (RMSNorms, dense MLPs) compiled on first use"

@@ -154,12 +154,14 @@ def test_data_parallel_2_x_sequence_parallel_2_equals_2_ranks_without_sp(tmp_pat
     assert moved > 1e-2, "the parameters barely moved: the comparison above would prove nothing"
 
 
-# Every shipped configs/deepspeed file (a new one is covered by being there), and ZeRO-2 with optimizer offload.
+# Every shipped configs/deepspeed file (a new one is covered by being there), ZeRO-2 with optimizer offload, and
+# offload under LoRA adapters (only the adapters train; the CPU Adam updates them).
 # zero2 and zero3 reuse the launches above; the offload ones run DeepSpeed's CPU Adam (engine.make_optimizer).
 @pytest.mark.parametrize(
     "config,extra",
-    [(name, ()) for name in DEEPSPEED_CONFIGS] + [("zero2", ("deepspeed.offload_optimizer=true",))],
-    ids=[*DEEPSPEED_CONFIGS, "zero2+offload_optimizer"],
+    [(name, ()) for name in DEEPSPEED_CONFIGS]
+    + [("zero2", ("deepspeed.offload_optimizer=true",)), ("zero3_offload", ("adapter=lora",))],
+    ids=[*DEEPSPEED_CONFIGS, "zero2+offload_optimizer", "zero3_offload+lora"],
 )
 def test_deepspeed_config_trains_2_ranks_and_resumes_exactly(request, tmp_path, cache_dir, config, extra):
     if config in ("zero2", "zero3") and not extra:

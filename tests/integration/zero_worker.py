@@ -69,9 +69,10 @@ def probe_logits(s) -> dict:
         "position_ids",
         "pixel_values",
         "image_grid_thw",
-        "cu_seqlens",
-        "static_position_ids",
+        "pixel_values_videos",
+        "video_grid_thw",
     )
+    keep += ("cu_seqlens", "static_position_ids", "visual_mask")
     return {
         "probe_batch": {k: batch[k].cpu() for k in keep if batch.get(k) is not None},
         "probe_logits": logits.cpu(),
