@@ -213,3 +213,16 @@ def test_resume_with_other_adapter_settings_is_refused_naming_the_key(tmp_path):
         check(["adapter=lora"])
     with pytest.raises(ValueError, match=r"`deepspeed\.offload_optimizer`"):  # another optimizer (CPU Adam)
         check(["deepspeed.offload_optimizer=true"])
+
+
+def test_the_memory_benchmark_counts_the_adapters_peft_builds():
+    """tests/perf/bench_memory.py's LoRA arithmetic (r x (in + out) per adapted linear layer, by role), checked on a
+    tiny model against the parameters PEFT actually creates."""
+    from mmrope.train.flops import shapes_from_hf_config
+    from tests.perf.bench_memory import lora_params
+
+    targets = ["llm.attention", "llm.mlp", "connector", "vision.attention", "vision.mlp"]
+    model = tiny("qwen2_5_vl")
+    llm, vit = shapes_from_hf_config(model.config)
+    summary = apply_adapter(model, AdapterConfig(name="lora", rank=4, targets=targets), seed=0)
+    assert summary.adapter_params == lora_params(llm, vit, 4, targets)
