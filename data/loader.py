@@ -544,7 +544,11 @@ class ResumableLoader:
             self.stream.num_slots = self.num_slots
             self.stream.resume_states = dict(self.states)
             self.stream.start_row = self.next_row
-            self._it = iter(make_loader(self.stream, self.num_workers))
+            # torch's DataLoader draws its base seed from the global RNG when its iterator starts: on a resumed run
+            # that happens at the first step, after the checkpoint's RNG state was restored, and would shift every
+            # later draw (dropout masks: LoRA's adapter.dropout) against the uninterrupted run. Draw it off the side.
+            with torch.random.fork_rng(devices=[]):
+                self._it = iter(make_loader(self.stream, self.num_workers))
         row = next(self._it)
         slot, global_row = row.pop("slot"), row.pop("global_row")
         if self.stream.epochs is None and global_row != self.next_row:

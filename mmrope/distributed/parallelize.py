@@ -2,7 +2,7 @@
 
     model = build_model(cfg.model, ...)
     install(model, encoding, ...)                  # the encoding: architecture, single-device
-    plan = parallelize(model, cfg, dist)           # freeze -> checkpointing -> compile -> SP -> objective
+    plan = parallelize(model, cfg, dist)           # freeze -> adapters -> checkpointing -> compile -> SP -> objective
     engine = build_engine(plan.objective, cfg, ...)  # DeepSpeed ZeRO (data parallelism), outside the model
 
 Each technique lives in its own module of this package and is applied to the model from outside, as torchtitan
@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from mmrope.distributed.adapters import AdapterSummary, apply_adapter
 from mmrope.distributed.compile import compile_decoder
 from mmrope.distributed.objective import SequenceParallelObjective
 from mmrope.distributed.recompute import apply_activation_checkpointing
 from mmrope.distributed.sequence_parallel import apply_sequence_parallel
-from mmrope.model.freeze import apply_freeze
+from mmrope.model.freeze import apply_freeze, group_counts
 from mmrope.model.objective import SFTObjective
 
 if TYPE_CHECKING:
@@ -37,10 +38,11 @@ class Parallelized:
     param_counts: dict[str, dict[str, int]]  # per freeze group: trainable / frozen parameters
     checkpointed: list[int]  # LLM decoder layers that recompute their activations
     compiled: list[str]  # modules under the text model that model.compile compiled
+    adapter: AdapterSummary | None  # adapter=lora|qlora: what PEFT adapted (None for adapter=none)
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, dist: Dist) -> Parallelized:
-    """Apply freeze -> activation checkpointing -> compile -> sequence parallelism -> objective to `model` (an
+    """Apply freeze -> adapters -> activation checkpointing -> compile -> sequence parallelism -> objective to `model` (an
     installed VLM, `mmrope.model.install`), in place; returns the objective the engine wraps.
 
     `dist.sp` is this rank's sequence-parallel group (None without SP); `dist.dp_size` the number of rows trained
@@ -50,7 +52,15 @@ def parallelize(model: nn.Module, cfg: TrainConfig, dist: Dist) -> Parallelized:
     # 1. Freeze first: requires_grad decides what every later step does. A frozen module records no graph, so
     #    checkpointing has nothing to store or recompute there, and the engine's optimizer groups take only
     #    trainable parameters.
-    param_counts = apply_freeze(model, m.freeze)
+    adapted = cfg.adapter.name != "none"
+    param_counts = apply_freeze(model, m.freeze, adapter=adapted)
+    # 1b. Adapters (PEFT LoRA) right after the freeze: they take the adapted modules' base weights out of training
+    #    and add their own trainable ones, so the counts are read again. Before checkpointing and compile, which
+    #    must see the final modules (PEFT swaps each adapted Linear for a LoRA layer around it); seeded, so every
+    #    rank starts from the same adapters.
+    adapter = apply_adapter(model, cfg.adapter, seed=cfg.trainer.seed)
+    if adapter is not None:
+        param_counts = group_counts(model)
     # 2. Activation checkpointing before compile (torchtitan's AC -> compile): the checkpoint boundary is the
     #    whole decoder layer (transformers' GradientCheckpointingLayer call) and must exist before compile swaps
     #    the layers' inner parts (norms, the SwiGLU product) for compiled kernels; the recomputation then replays
@@ -76,4 +86,4 @@ def parallelize(model: nn.Module, cfg: TrainConfig, dist: Dist) -> Parallelized:
         objective = SequenceParallelObjective(model, dist.sp, balance_vision=balance_vision, **loss)
     else:
         objective = SFTObjective(model, balance_vision=balance_vision, **loss)
-    return Parallelized(objective, param_counts, checkpointed, compiled)
+    return Parallelized(objective, param_counts, checkpointed, compiled, adapter)

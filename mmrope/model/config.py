@@ -140,3 +140,39 @@ class ModelConfig:
             _require(bool(self.vision_path), "model.vision_path", "is required when model.kind=composed")
             _require(bool(self.llm_path), "model.llm_path", "is required when model.kind=composed")
             _one_of(self.family, COMPOSED_FAMILIES, "model.family")
+
+
+ADAPTER_NAMES = ("none", "lora", "qlora")
+
+
+@dataclass
+class AdapterConfig:
+    """`adapter=lora|qlora` (configs/adapter/): PEFT LoRA on the modules of the named roles (mmrope/distributed/adapters.py).
+
+    The base weights of adapted modules are frozen; every other module follows `model.freeze` (the adapter files
+    freeze all groups, so only the adapters train unless a group is unfrozen); trainable encoding parameters (GRAPE's
+    learned planes) stay trainable. qlora: the same adapters over a 4-bit (NF4, bitsandbytes) frozen base, CUDA only.
+    """
+
+    name: str = "none"  # none | lora | qlora
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # scaling alpha / r (rsLoRA: alpha / sqrt(r))
+    dropout: float = 0.0  # dropout on the adapter's input
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA (magnitude vector per output channel)
+    # roles (mmrope.model.families.ADAPTER_ROLES), resolved per family to module names
+    targets: list[str] = field(default_factory=lambda: ["llm.attention", "llm.mlp", "connector"])
+
+    def __post_init__(self) -> None:
+        from mmrope.model.families import ADAPTER_ROLES
+
+        _one_of(self.name, ADAPTER_NAMES, "adapter.name")
+        if self.name == "none":
+            return
+        _require(self.rank >= 1, "adapter.rank", f"must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.targets), "adapter.targets", f"must name at least one of {list(ADAPTER_ROLES)}")
+        for role in self.targets:
+            _one_of(role, ADAPTER_ROLES, "adapter.targets")
+        _require(len(set(self.targets)) == len(self.targets), "adapter.targets", "names a role twice")

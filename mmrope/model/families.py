@@ -12,12 +12,14 @@ linear-attention (gated delta-net) layers. Architecture only: no DeepSpeed, no d
 | qwen3_vl_moe | Qwen3VLMoe* | qwen3 | mrope_i | attention, q/k norm, MoE MLP |
 | qwen3_5 | Qwen3_5* | qwen3 | mrope_i (partial rotary) | 3 gated delta-net : 1 gated attention |
 | qwen3_5_moe | Qwen3_5Moe* | qwen3 | mrope_i (partial rotary) | as qwen3_5, MoE MLP |
+
+Each row also names its modules by adapter role (`adapter_roles`, for `adapter.targets`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import transformers
@@ -118,6 +120,39 @@ def _qwen3_deepstack_vision(tiny: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# adapter roles (mmrope/distributed/adapters.py): what `adapter.targets` names, resolved per family to module names.
+# Each role is a tuple of regular expressions that must match a module's whole qualified name in the
+# `*ForConditionalGeneration` model. The stock names differ across families where users' LoRA target lists go wrong:
+# the Qwen ViTs fuse q/k/v into one `attn.qkv`, Qwen2-VL's ViT MLP is `fc1/fc2`, Qwen2.5-VL's a SwiGLU, Qwen3-VL's
+# `linear_fc1/fc2`; Qwen3.5's gated delta-net layers have their own projections.
+
+ADAPTER_ROLES = ("llm.attention", "llm.mlp", "connector", "vision.attention", "vision.mlp", "lm_head")
+_LLM = r"model\.language_model\.layers\.\d+\."
+_VIT = r"model\.visual\.blocks\.\d+\."
+
+
+def _roles(*, vision_mlp: str, connector: tuple[str, ...], delta_net: bool = False, moe: bool = False):
+    return {
+        "llm.attention": (_LLM + r"self_attn\.[qkvo]_proj",)
+        # the gated delta-net's projections (in, gate z, out); its per-head scalars a/b stay out (width = heads)
+        + ((_LLM + r"linear_attn\.(in_proj_qkv|in_proj_z|out_proj)",) if delta_net else ()),
+        # MoE experts are fused 3D parameters (no nn.Linear per expert): no role matches them (refused by name)
+        "llm.mlp": () if moe else (_LLM + r"mlp\.(gate|up|down)_proj",),
+        "connector": connector,
+        "vision.attention": (_VIT + r"attn\.(qkv|proj)",),  # fused q/k/v
+        "vision.mlp": (_VIT + vision_mlp,),
+        "lm_head": (r"lm_head",),
+    }
+
+
+_QWEN2_CONNECTOR = (r"model\.visual\.merger\.mlp\.[02]",)
+_QWEN3_CONNECTOR = (
+    r"model\.visual\.merger\.linear_fc[12]",
+    r"model\.visual\.deepstack_merger_list\.\d+\.linear_fc[12]",  # Qwen3-VL's DeepStack mergers
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # one row per family
 
 
@@ -148,6 +183,8 @@ class Family:
         _no_text_extras  # (text, tiny, head_dim) -> in place
     )
     tiny_vision: Callable[[Any], dict[str, Any]] = _qwen3_vision
+    # adapter role -> regular expressions of qualified module names (`_roles`): the hook adapters.py resolves
+    adapter_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def model_class(self) -> type:
@@ -161,7 +198,15 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("qwen2_vl", "Qwen2VL", "qwen2", "mrope", legacy_config=True, tiny_vision=_qwen2_vision),
+        Family(
+            "qwen2_vl",
+            "Qwen2VL",
+            "qwen2",
+            "mrope",
+            legacy_config=True,
+            tiny_vision=_qwen2_vision,
+            adapter_roles=_roles(vision_mlp=r"mlp\.fc[12]", connector=_QWEN2_CONNECTOR),
+        ),
         Family(
             "qwen2_5_vl",
             "Qwen2_5_VL",
@@ -171,6 +216,7 @@ FAMILIES: dict[str, Family] = {
             composable=True,
             vision_gated_mlp=True,
             tiny_vision=_qwen2_5_vision,
+            adapter_roles=_roles(vision_mlp=r"mlp\.(gate|up|down)_proj", connector=_QWEN2_CONNECTOR),
         ),
         Family(
             "qwen3_vl",
@@ -180,6 +226,7 @@ FAMILIES: dict[str, Family] = {
             interleaved_mrope=True,
             composable=True,
             tiny_vision=_qwen3_deepstack_vision,
+            adapter_roles=_roles(vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR),
         ),
         Family(
             "qwen3_vl_moe",
@@ -190,6 +237,7 @@ FAMILIES: dict[str, Family] = {
             interleaved_mrope=True,
             tiny_text=_moe_text,
             tiny_vision=_qwen3_deepstack_vision,
+            adapter_roles=_roles(vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR, moe=True),
         ),
         Family(
             "qwen3_5",
@@ -201,6 +249,9 @@ FAMILIES: dict[str, Family] = {
             partial_rotary_factor=0.25,
             attn_output_gate=True,
             tiny_text=_delta_net_text,
+            adapter_roles=_roles(
+                vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR, delta_net=True
+            ),
         ),
         Family(
             "qwen3_5_moe",
@@ -213,6 +264,9 @@ FAMILIES: dict[str, Family] = {
             partial_rotary_factor=0.25,
             attn_output_gate=True,
             tiny_text=_delta_net_moe_text,
+            adapter_roles=_roles(
+                vision_mlp=r"mlp\.linear_fc[12]", connector=_QWEN3_CONNECTOR, delta_net=True, moe=True
+            ),
         ),
     )
 }

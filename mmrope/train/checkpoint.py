@@ -50,8 +50,18 @@ UNIVERSAL = "universal"  # step_N/universal: the DeepSpeed universal checkpoint 
 
 
 def config_fingerprint(flat: dict) -> dict:
-    """The resume-relevant subset of a flattened config (`{"model.kind": ..., ...}`)."""
-    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS)}
+    """The resume-relevant subset of a flattened config (`{"model.kind": ..., ...}`).
+
+    Settings at their "off" value are left out (offload off; `adapter.*` with adapter.name=none), so manifests
+    written before those keys existed still match the runs they describe; turning one on is a difference."""
+    adapter = flat.get("adapter.name", "none") != "none"
+    return {
+        k: v
+        for k, v in flat.items()
+        if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS)
+        and not (k.startswith("deepspeed.offload_") and v is False)
+        and (adapter or not k.startswith("adapter."))
+    }
 
 
 def config_hash(fingerprint: dict) -> str:
@@ -114,10 +124,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, ckpt_dir: str | os.PathLike, *, rank: int, world_size: int, keep_last: int = 2):
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int = 2,
+        trainable_only: bool = False,
+    ):
         self.dir = Path(ckpt_dir)
         self.rank, self.world_size = rank, world_size
         self.keep_last = keep_last
+        # Save only parameters that train (DeepSpeed's exclude_frozen_parameters), e.g. LoRA adapters: the frozen
+        # rest never moves from the model the config builds, so resume and export rebuild it from there.
+        self.trainable_only = trainable_only
 
     # -- discovery -------------------------------------------------------------------------------------------
     def committed(self) -> list[Path]:
@@ -165,7 +186,8 @@ class CheckpointManager:
             dist.barrier()
         ok = True
         try:
-            engine.save_checkpoint(str(self.dir), tag=staged.name, save_latest=False)
+            only = {"exclude_frozen_parameters": True} if self.trainable_only else {}
+            engine.save_checkpoint(str(self.dir), tag=staged.name, save_latest=False, **only)
             torch.save({"step": step, "rng": rng_state(), **rank_state}, staged / f"rank_{self.rank}.pt")
         except Exception as e:  # report, so that no rank commits a partial checkpoint
             print(f"[rank {self.rank}] checkpoint staging failed: {e!r}", flush=True)
@@ -211,7 +233,8 @@ class CheckpointManager:
     def check_compatible(self, path: Path, fingerprint: dict) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
         saved = manifest.get("config", {})
-        for key in sorted(set(saved) | set(fingerprint)):
+        # `*.name` first: a different adapter or encoding is the difference to name, not its settings
+        for key in sorted(set(saved) | set(fingerprint), key=lambda k: (not k.endswith(".name"), k)):
             if saved.get(key) != fingerprint.get(key):
                 raise ValueError(
                     f"config key `{key}`: cannot resume from {path}: it was trained with {saved.get(key)!r}, the "
@@ -250,13 +273,23 @@ class CheckpointManager:
         the universal checkpoint; counters and data position merged from every old rank's file (counts summed
         onto rank 0 so that global sums stay right); RNG streams stay as seeded (they cannot be re-split)."""
         resized = manifest["world_size"] != self.world_size
+        # the frozen base is not in the files of a trainable_only save: it stays as the config built it
+        lenient = {"load_module_strict": False} if self.trainable_only else {}
         if resized:
             load_path, _ = engine.load_checkpoint(
-                str(path), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(path),
+                tag=UNIVERSAL,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                **lenient,
             )
         else:
             load_path, _ = engine.load_checkpoint(
-                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(path.parent),
+                tag=path.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                **lenient,
             )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")

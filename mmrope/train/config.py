@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.video import VideoSampling
 from mmrope.encodings.positions import LAYOUTS
-from mmrope.model.config import MUST_MATCH, ModelConfig, _one_of, _require, must_match
+from mmrope.model.config import MUST_MATCH, AdapterConfig, ModelConfig, _one_of, _require, must_match
 from mmrope.model.families import FAMILIES
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -159,8 +159,10 @@ class DeepSpeedConfig:
     """The DeepSpeed engine; batch sizes, clipping and precision are filled in from trainer.* at run time."""
 
     stage: int = must_match(2)  # ZeRO stage 0 | 1 | 2 | 3
-    offload_optimizer: bool = False  # optimizer state in CPU memory
-    offload_param: bool = False  # parameters in CPU memory (stage 3 only)
+    # Offload swaps the optimizer (torch AdamW <-> DeepSpeed's CPU Adam, whose saved state DeepSpeed does not
+    # convert into the other's): resuming across an on/off change is refused, naming the key.
+    offload_optimizer: bool = must_match(False)  # optimizer state in CPU memory (DeepSpeed's CPU Adam)
+    offload_param: bool = must_match(False)  # parameters in CPU memory (stage 3 only)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
     def __post_init__(self) -> None:
@@ -365,6 +367,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    adapter: AdapterConfig = must_match(factory=AdapterConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks that train different rows: world size / trainer.sequence_parallel_size."""
@@ -452,6 +455,7 @@ def validate(cfg: DictConfig | TrainConfig, *, check_paths: bool = True) -> Trai
     check_rope_fits_model(obj)
     check_sequence_parallel(obj)
     check_loss_backend(obj)
+    check_adapter(obj)
     if check_paths:
         check_shards_readable(obj)
     return obj
@@ -524,6 +528,55 @@ def check_shards_readable(cfg: TrainConfig) -> None:
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise ValueError(f"config key `{key}`: {len(problems)} shard(s) cannot be read: {shown}")
+
+
+def check_adapter(cfg: TrainConfig) -> None:
+    """What the adapter needs from the rest of the config and this machine, refused before any model is built:
+    adapter=qlora needs CUDA and bitsandbytes; llm.mlp on an MoE family (experts are fused 3D parameters, which
+    PEFT's LoRA layers do not wrap); lm_head (the loss reads its weight directly, past any adapter)."""
+    a = cfg.adapter
+    if a.name == "none":
+        return
+    import torch
+
+    if a.name == "qlora":
+        _require(
+            torch.cuda.is_available(),
+            "adapter=qlora",
+            "the 4-bit base (bitsandbytes NF4) runs on CUDA only; on this machine use adapter=lora",
+        )
+        _require(
+            cfg.deepspeed.stage != 3,
+            "deepspeed.stage",
+            "adapter=qlora keeps its 4-bit base whole on every GPU (ZeRO-3 cannot partition bitsandbytes' packed "
+            "4-bit weights); use deepspeed=zero2 (the base is 4-bit already, the adapters are small)",
+        )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f"config key `adapter=qlora`: bitsandbytes is not importable ({e}); `pip install bitsandbytes`"
+            ) from e
+    family = FAMILIES[cfg.model.family]
+    for role in a.targets:
+        _require(
+            bool(family.adapter_roles.get(role)),
+            "adapter.targets",
+            f"{role} matches no module of model.family={cfg.model.family}"
+            + (
+                ": its MoE experts are fused 3D parameters that PEFT's LoRA layers do not wrap; adapt "
+                "llm.attention (and connector) and leave the experts frozen, or train them fully (adapter=none)"
+                if family.moe and role == "llm.mlp"
+                else ""
+            ),
+        )
+    _require(
+        "lm_head" not in a.targets,
+        "adapter.targets",
+        "lm_head cannot take an adapter: the loss reads lm_head.weight directly (chunked or fused cross-entropy "
+        "without full logits, mmrope/model/loss.py), so its adapter would not take part in training; unfreeze "
+        "it instead (model.freeze.lm_head=false) or drop lm_head from the targets",
+    )
 
 
 def check_loss_backend(cfg: TrainConfig) -> None:

@@ -144,7 +144,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
         "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "gradient_clipping": t.optim.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch AdamW: same math everywhere, no extension build
+        # torch AdamW without offload (same math everywhere, no extension build); DeepSpeedCPUAdam with it
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": resolve_precision(t.precision) == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -174,9 +175,27 @@ def register_external_parameters(module: torch.nn.Module) -> None:
             deepspeed.zero.register_external_parameter(sub, param)
 
 
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (decay on matrices, none on norms/biases), with trainer.optim's LR, betas, eps.
+
+    With `deepspeed.offload_optimizer` the ZeRO optimizer keeps the fp32 master weights and moments in CPU memory
+    and runs the update there: DeepSpeed then requires its own CPU Adam (a C++ op built on first use, vectorised
+    over the host's cores), used in AdamW mode (decoupled weight decay, the same update rule as torch's AdamW).
+    Same groups, same hyperparameters, same schedule; only where the update runs differs.
+    """
+    o = cfg.trainer.optim
+    groups = param_groups(module, o.weight_decay)
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, adamw_mode=True
+        )
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
-    """DeepSpeed engine over `module` (the objective: `module.vlm` is the model) with AdamW (no decay on
-    norms/biases) and cosine-to-min-LR schedule; under ZeRO-3 its externally read parameters are registered."""
+    """DeepSpeed engine over `module` (the objective: `module.vlm` is the model) with AdamW (`make_optimizer`) and cosine-to-min-LR schedule; under ZeRO-3 its externally read parameters are registered."""
     import deepspeed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -184,9 +203,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, loa
         register_external_parameters(module)
 
     o = cfg.trainer.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-    )
+    optimizer = make_optimizer(module, cfg)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=cfg.trainer.max_steps, min_lr=o.min_lr
     )

@@ -13,6 +13,15 @@ so its config.json carries fields stock transformers refuses, with a message nam
 lmms-eval's `--model mmrope` (`mmrope.model.stock`). Every export loads with `mmrope.from_pretrained(out)`, which
 restores those fields and installs the encoding (and DIPE) from mmrope_encoding.json.
 
+With an adapter (`adapter=lora|qlora`) the checkpoint holds the adapters (and any other trained parameter) only.
+The export rebuilds the base model, wraps it with PEFT's LoRA over the same modules, loads the trained tensors and
+writes the merged model (`merge_and_unload`: a normal export, as above). `--adapter-only` writes the PEFT adapter
+folder instead (`adapter_config.json` + `adapter_model.safetensors`, loadable with `PeftModel.from_pretrained`
+onto the base): its `base/` subfolder is the base export (the model the adapters were trained on, with the same
+encoding metadata), or, for a pretrained stock checkpoint, `base_model_name_or_path` names `model.path` itself.
+
+    python -m mmrope.train.export runs/<run_name>/checkpoints --adapter-only --out exported/lora
+
 The weights come from DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`: fp32 master
 weights of the trainable parameters + the frozen ones from the model-state files). The engine wraps the VLM
 in `SFTObjective`, so keys arrive prefixed `vlm.`. Parameters the shards do not hold (frozen parameters of an
@@ -121,7 +130,9 @@ def write_export(
     return out
 
 
-def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+def export(
+    checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", adapter_only: bool = False
+) -> Path:
     from data.processor import processor_for
     from mmrope.model.build import build_model
 
@@ -144,6 +155,21 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
         special_ids=processor.special_ids,
         seed=cfg.trainer.seed,
     )
+    adapter = cfg.adapter.name != "none"
+    if adapter_only and not adapter:
+        raise ValueError(
+            f"argument `--adapter-only`: {step_dir} was trained without an adapter (adapter=none)"
+        )
+    peft_model = None
+    if adapter:  # the base wrapped with PEFT's LoRA over the modules training adapted (same paths, same init)
+        from peft import get_peft_model
+
+        from mmrope.distributed.adapters import lora_config, resolve_targets
+
+        base = model
+        targets = [n for names in resolve_targets(base, cfg.adapter.targets).values() for n in names]
+        peft_model = get_peft_model(base, lora_config(cfg.adapter, targets))
+        model = peft_model.base_model.model  # the base itself, LoRA layers injected in place
     trained = consolidated_state_dict(step_dir)
     expected = model.state_dict()
     unknown = sorted(set(trained) - set(expected))
@@ -156,23 +182,59 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
             f"export: {len(from_base)} tensors not in the shards, kept from the base model: {from_base[:5]}..."
         )
     model.load_state_dict(trained, strict=False)
-    model.to(DTYPES[dtype])
     rope = cfg.rope
-    write_export(
-        model,
-        processor,
-        out,
-        name=rope.name,
-        hparams=dict(rope.hparams),
-        dipe=rope.dipe,
-        layout=cfg.rope_layout(),
-        family=cfg.model.family,
-        trained_steps=manifest["step"],
-        config_hash=manifest["config_hash"],
-        # how the training data was processed, so that evaluators prompt like training (mmrope.eval.chat)
-        data={"video": asdict(d.video), "system_prompt": d.system_prompt},
-    )
+    encoding = dict(name=rope.name, hparams=dict(rope.hparams), dipe=rope.dipe, layout=cfg.rope_layout())
+    encoding.update(family=cfg.model.family, config_hash=manifest["config_hash"])
+    # how the training data was processed, so that evaluators prompt like training (mmrope.eval.chat)
+    encoding["data"] = {"video": asdict(d.video), "system_prompt": d.system_prompt}
+    if peft_model is not None and adapter_only:
+        return _export_adapter(peft_model, trained, cfg, processor, out, encoding, manifest, dtype, step_dir)
+    if peft_model is not None:
+        adapted = sorted({k.split(".lora_")[0] for k in trained if ".lora_" in k})
+        model = peft_model.merge_and_unload()  # W + scale * B @ A into each base layer; plain modules again
+        print(f"export: {len(adapted)} adapted modules merged into their base weights")
+    model.to(DTYPES[dtype])
+    write_export(model, processor, out, trained_steps=manifest["step"], **encoding)
     print(f"exported step {manifest['step']} of {step_dir} -> {out} ({dtype})")
+    return out
+
+
+def _export_adapter(
+    peft_model, trained, cfg, processor, out: Path, encoding, manifest, dtype, step_dir
+) -> Path:
+    """`--adapter-only`: the PEFT adapter folder, and the base it applies to (`base/`, unless it is model.path)."""
+    other = sorted(k for k in trained if ".lora_" not in k)
+    if other:
+        raise ValueError(
+            f"argument `--adapter-only`: {step_dir} also trained {len(other)} parameters outside the adapters "
+            f"({other[:3]}...: an unfrozen model.freeze group or the encoding's learned planes), which a PEFT "
+            "adapter folder does not carry; export the merged model (without --adapter-only)"
+        )
+    base_dir = out / "base"
+    reuse = False  # a pretrained stock checkpoint whose config holds the trained section is the base itself
+    stock = is_stock(encoding["name"], encoding["hparams"], encoding["dipe"], encoding["family"])
+    if cfg.model.kind == "pretrained" and stock:
+        from transformers import AutoConfig
+
+        from mmrope.encodings import build
+
+        section = list(build(encoding["name"], **encoding["hparams"]).hparams["mrope_section"])
+        saved = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True).get_text_config()
+        reuse = (saved.rope_parameters or {}).get("mrope_section") == section
+    peft_model.peft_config["default"].base_model_name_or_path = str(
+        Path(cfg.model.path).resolve() if reuse else base_dir.resolve()
+    )
+    peft_model.to(DTYPES[dtype])
+    peft_model.save_pretrained(out, safe_serialization=True)
+    if not reuse:  # the untouched base (adapters unloaded, nothing merged), a normal export of its own
+        base = peft_model.unload()
+        base.to(DTYPES[dtype])
+        write_export(base, processor, base_dir, trained_steps=0, **encoding)
+    processor.save(out)
+    print(
+        f"exported the adapter of step {manifest['step']} of {step_dir} -> {out} ({dtype}); base: "
+        f"{cfg.model.path if reuse else base_dir}"
+    )
     return out
 
 
@@ -181,10 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="a step_N directory, or a checkpoints directory (its latest step)")
     p.add_argument("--out", default=None, help="output directory (default: <run dir>/export/step_N)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="adapter runs: write the PEFT adapter folder (+ its base in base/) instead of the merged model",
+    )
     args = p.parse_args(argv)
     step_dir = resolve_checkpoint(args.checkpoint)
-    out = args.out or step_dir.parent.parent / "export" / step_dir.name
-    export(step_dir, out, dtype=args.dtype)
+    out = args.out or step_dir.parent.parent / "export" / (
+        step_dir.name + ("_adapter" if args.adapter_only else "")
+    )
+    export(step_dir, out, dtype=args.dtype, adapter_only=args.adapter_only)
 
 
 if __name__ == "__main__":

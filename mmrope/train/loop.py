@@ -335,5 +335,7 @@ class Trainer:
             # checkpoint alone.
             extra={"train_config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)},
         )
-        self.metrics.print(f"checkpoint saved: {path}")
+        if self.d.is_main:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            self.metrics.print(f"checkpoint saved: {path} ({size / 2**20:,.1f} MiB)")
         return path

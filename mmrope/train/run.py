@@ -84,8 +84,11 @@ def apply_optim_config(engine, optim: OptimConfig) -> None:
     """
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    for group, decay in zip(groups, (optim.weight_decay, 0.0)):  # param_groups(): [decay, no decay]
-        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=decay)
+    for i, group in enumerate(groups):  # param_groups(): [decay, no decay] (older checkpoints: unmarked)
+        no_decay = group.get("no_decay", i == 1)
+        group.update(
+            betas=tuple(optim.betas), eps=optim.eps, weight_decay=0.0 if no_decay else optim.weight_decay
+        )
     scheduler.base_lrs = [optim.lr] * len(groups)
     lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
     for group, lr in zip(groups, lrs):
@@ -230,7 +233,12 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)  # sets d.sp
     seed_everything(cfg.trainer.seed, d.rank)
     ckpt = CheckpointManager(
-        run_dir / "checkpoints", rank=d.rank, world_size=d.world_size, keep_last=cfg.trainer.keep_last
+        run_dir / "checkpoints",
+        rank=d.rank,
+        world_size=d.world_size,
+        keep_last=cfg.trainer.keep_last,
+        # with an adapter only what trains is saved (the frozen base is rebuilt from the config on resume/export)
+        trainable_only=cfg.adapter.name != "none",
     )
     # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
     # the virtual slots carry the data position. Slots that do not divide are refused here (data.num_slots).
@@ -258,9 +266,10 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
         if not any(h in str(e) for h in encoding.hparams):
             raise
         raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
-    # freeze -> activation checkpointing -> compile -> sequence parallelism -> objective, in that order
+    # freeze -> adapters -> activation checkpointing -> compile -> sequence parallelism -> objective, in that order
     parallel = parallelize(model, cfg, d)
     objective, counts, compiled = parallel.objective, parallel.param_counts, parallel.compiled
+    adapter = parallel.adapter
 
     if resized:
         ckpt.universal(latest)
@@ -317,6 +326,8 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
         )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    for line in adapter.lines(cfg.adapter) if adapter is not None else []:
+        metrics.print(line)
     if compiled:
         metrics.print(
             f"  model.compile: {len(compiled)} LLM modules (RMSNorms, dense MLPs) compiled on first use"

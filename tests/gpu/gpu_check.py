@@ -14,6 +14,7 @@ failing or timed-out step is recorded and the next one still runs:
 | train_mrope | the real trainer on CUDA: 20 steps, DeepSpeed ZeRO-2, bf16, packed rows, `attn_backend=auto` |
 | bench | `make bench-gpu`: one optimizer step at 32K, Qwen2.5-VL-7B shape, mmrope vs the usual recipe; LLM MFU of mmrope's variants (every layer recomputed, + `model.compile`, + only 20 of 28 layers recomputed, + Liger's loss) with a kernel-time profile; DIPE vs MRoPE at 32K |
 | train_dipe | the same trainer run with `rope.dipe=true` |
+| train_lora, train_qlora | the same run with `adapter=lora` / `adapter=qlora`: step time and peak memory vs full (train_mrope) |
 | attention | DIPE attention alone: time and memory 8K -> 32K (tests/perf/bench_attention.py) |
 | compiled | the GPU tests that compile kernels first (FlexAttention, `model.compile`, Liger's loss): last |
 
@@ -413,13 +414,21 @@ def results_block(results: dict, command: str) -> str:
                     f"{e.get('step_time_ratio', float('nan')):.3f} | {m.get('peak_mem_gib', float('nan')):.1f} | "
                     f"{d.get('peak_mem_gib', float('nan')):.1f} | {e.get('peak_mem_ratio', float('nan')):.3f} |"
                 )
-    for name in ("train_mrope", "train_dipe"):
+    for name in ("train_mrope", "train_dipe", "train_lora", "train_qlora"):
         t = results.get(name)
         if t:
             lines.append(
                 f"\n{name}: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f} "
                 f"({'falls' if t['loss_falls'] else 'DOES NOT FALL'}), {_num(t['tokens_per_s'])} tokens/s, "
                 f"peak {t['peak_mem_gb']:.2f} GB."
+            )
+    full = results.get("train_mrope") or {}
+    for name in ("train_lora", "train_qlora"):  # the same trainer run, adapters instead of full training
+        t = results.get(name) or {}
+        if full.get("tokens_per_s") and t.get("tokens_per_s") and full.get("peak_mem_gb"):
+            lines.append(
+                f"{name} / full: tokens/s {t['tokens_per_s'] / full['tokens_per_s']:.2f}x, peak memory "
+                f"{t['peak_mem_gb'] / full['peak_mem_gb']:.2f}x."
             )
     att = results.get("attention")
     if att:
@@ -490,6 +499,9 @@ def main(argv: list[str] | None = None) -> dict:
         "train_mrope": lambda: step_train(c, "train_mrope", [], 20),
         "bench": lambda: step_bench(c),
         "train_dipe": lambda: step_train(c, "train_dipe", ["rope.dipe=true"], 20),
+        # full (train_mrope) vs LoRA vs QLoRA: step time and peak memory of the same trainer run
+        "train_lora": lambda: step_train(c, "train_lora", ["adapter=lora"], 20),
+        "train_qlora": lambda: step_train(c, "train_qlora", ["adapter=qlora"], 20),
         "attention": lambda: step_attention(c),
         "compiled": lambda: step_tests(c, "compiled", COMPILING, 170),
     }
@@ -497,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
         tiny = ["data.max_tokens=512", "data.num_workers=0"]
         steps["train_mrope"] = lambda: step_train(c, "train_mrope", tiny, 3)
         steps["train_dipe"] = lambda: step_train(c, "train_dipe", ["rope.dipe=true", *tiny], 2)
+        steps["train_lora"] = lambda: step_train(c, "train_lora", ["adapter=lora", *tiny], 2)
+        del steps["train_qlora"]  # CUDA only (refused on CPU, naming adapter=qlora)
     for name, fn in steps.items():
         if name in args.skip:
             c.results["steps"][name] = {"status": "skipped: --skip"}

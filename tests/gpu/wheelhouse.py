@@ -8,7 +8,8 @@ built into pure-Python wheels here. `make gpu-check` installs `.whl/*.whl` with 
 wandb is left out: the check runs with `trainer.wandb.mode=disabled`, which never imports it.
 liger-kernel (pure Python; its Triton comes with the box's CUDA torch) is for `loss.backend=liger` and its parity
 test: CI's `.venv` does not have it (it would pull Triton in), so it is fetched at the version that test was
-written against, or at the one in `.venv` when a developer installed it there.
+written against, or at the one in `.venv` when a developer installed it there. bitsandbytes (`adapter=qlora`) the
+same way.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ BINARY = [
     "typing-inspection",
     "typing-extensions",
     "regex",
+    "peft",  # adapter=lora|qlora
+    "accelerate",  # peft's dependency
 ]
 SOURCE_ONLY = ["deepspeed", "antlr4-python3-runtime"]
-OPTIONAL = {"liger-kernel": "0.8.5"}  # not in CI's .venv: this version unless .venv has one
+# not in CI's .venv: this version unless .venv has one. bitsandbytes: adapter=qlora (CUDA only), tests/gpu/test_qlora.py
+OPTIONAL = {"liger-kernel": "0.8.5", "bitsandbytes": "0.50.2"}
 
 
 def installed_or(name: str, fallback: str) -> str:

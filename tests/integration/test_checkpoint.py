@@ -78,6 +78,9 @@ def test_exact_resume_and_refusals(tmp_path, cache_dir):
     # An incompatible config is refused, naming the key that changed.
     with pytest.raises(ValueError, match=r"`rope"):
         session(cache_dir, tmp_path, *common, "trainer.resume=auto", "rope=vanilla")
+    # Offload switched on for a run trained without it: another optimizer (DeepSpeed's CPU Adam), refused.
+    with pytest.raises(ValueError, match=r"`deepspeed\.offload_optimizer`"):
+        session(cache_dir, tmp_path, *common, "trainer.resume=auto", "deepspeed.offload_optimizer=true")
 
     # resume=never starts a new run: on a folder holding one it refuses, naming trainer.run_name, and
     # touches nothing (no overwritten step, no moved `latest`, no second history in metrics.jsonl).

@@ -31,9 +31,16 @@ def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
     )
     assert results["dry"] is True
     ran = {name for name, s in results["steps"].items() if s["status"] == "ok"}
-    assert ran == {"versions", "tests", "bench", "train_mrope", "train_dipe", "attention", "compiled"}, (
-        results["steps"]
-    )
+    assert ran == {
+        "versions",
+        "tests",
+        "bench",
+        "train_mrope",
+        "train_dipe",
+        "train_lora",
+        "attention",
+        "compiled",
+    }, results["steps"]
     # every figure the RESULTS block reports was produced
     bench = results["bench"]
     assert bench["loss_abs_diff"] < 1e-4  # both paths of the step benchmark optimise the same loss
@@ -48,6 +55,10 @@ def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
         assert prof["categories"]["matmul"]["ms"] > 0 and prof["top"], prof
     assert all("step_time_ratio" in e for e in bench["dipe_vs_mrope"])
     assert results["train_mrope"]["steps"] == 3 and results["train_dipe"]["steps"] == 2
+    assert (
+        results["train_lora"]["steps"] == 2
+        and "train_lora / full: tokens/s" in (out / "RESULTS_block.md").read_text()
+    )
     assert results["attention"]["dipe_memory_growth"] > 0
     block = (out / "RESULTS_block.md").read_text()
     assert "make gpu-check DRY=1" in block and results["commit"] in block
