@@ -413,15 +413,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_rows(lengths: list[int], max_tokens: int, num_open: int = 8) -> int:
-    """How many rows the best-fit packer makes of these sample lengths (from the index, nothing decoded)."""
-    from data.packing import BestFitPacker
+    """How many rows the first-fit packer makes of these sample lengths (from the index, nothing decoded)."""
+    from data.packing import FirstFitPacker
 
     @dataclass
     class _Item:
         num_tokens: int
         key: str = ""
 
-    packer = BestFitPacker(max_tokens, num_open)
+    packer = FirstFitPacker(max_tokens, num_open)
     return sum(len(packer.add(_Item(n))) for n in lengths) + len(packer.flush())
 
 
