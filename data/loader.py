@@ -696,12 +696,9 @@ def video_report(stream: PackedRowStream, examples: int = 2) -> list[str]:
     return lines
 
 
-def data_report(stream: PackedRowStream, *, rows: int, slots_setting: int | str | None) -> list[str]:
-    """What a run trains on (from the indexes: nothing decoded): sources, shards, readable records, the slots,
-    and how many epochs `rows` global rows cover (records per row estimated from the planned token counts)."""
-    per_row = stream.estimate_rows()
-    num_slots = stream.num_slots
-    hard, fit = stream.slot_limits()
+def source_report(stream: PackedRowStream) -> list[str]:
+    """What a run trains on (from the indexes: nothing decoded): sources, shards, readable records."""
+    stream.estimate_rows()  # mean tokens per record
     lines = []
     for i, (src, n) in enumerate(zip(stream.sources, stream.num_records)):
         bad = [u for u in src if u in stream.errors]
@@ -713,6 +710,16 @@ def data_report(stream: PackedRowStream, *, rows: int, slots_setting: int | str 
             + (f" ({len(bad)} unreadable or truncated shards: {bad[:3]})" if bad else "")
             + f", ~{stream.mean_tokens[i]:,.0f} tokens per record"
         )
+    return lines
+
+
+def plan_report(stream: PackedRowStream, *, rows: int, slots_setting: int | str | None) -> list[str]:
+    """The slots (after `fit_slots`) and how many epochs `rows` global rows cover (records per row estimated
+    from the planned token counts)."""
+    per_row = stream.estimate_rows()
+    num_slots = stream.num_slots
+    hard, fit = stream.slot_limits()
+    lines = []
     how = {
         "auto": "data.num_slots=auto: the most, up to 64, whose shares of an epoch fill a slot's open rows",
         "checkpoint": "data.num_slots=auto, as the checkpoint was written",
@@ -723,8 +730,8 @@ def data_report(stream: PackedRowStream, *, rows: int, slots_setting: int | str 
         f"{num_slots} slots ({how}): ~{min(stream.num_records) / num_slots:,.0f} records per slot per epoch"
         + (
             f"; fewer than data.num_open_rows={stream.num_open_rows} rows' worth: {stream.open_rows} open "
-            f"row{'s' * (stream.open_rows != 1)} per slot, so epochs stay in order (rows may span two, never "
-            f"repeating a record)"
+            f"row{'s' * (stream.open_rows != 1)} per slot, so epochs stay in order (a row may span "
+            f"epochs, never repeating a record)"
             if num_slots > fit
             else ""
         )

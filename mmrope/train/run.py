@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from data.loader import PackedRowStream, ResumableLoader, data_report, video_report
+from data.loader import PackedRowStream, ResumableLoader, plan_report, source_report, video_report
 from data.processing import SampleProcessor
 from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
@@ -247,18 +247,14 @@ def build_session(cfg: TrainConfig) -> Session:
     # data.num_slots where it does not fit the data or the world), and what the run will train on.
     sample_processor = make_sample_processor(cfg, processor, encoding)
     stream = make_stream(cfg, d, sample_processor)
+    announce(d, data_settings(cfg) + source_report(stream))
     latest = ckpt.latest()
     resumed_slots = saved_num_slots(latest) if cfg.data.num_slots == "auto" else None
     stream.fit_slots(resumed_slots or cfg.data.num_slots, cfg.data.num_workers)
     first_step = int(latest.name.split("_")[-1]) if latest is not None else 0
+    rows = max(0, cfg.trainer.max_steps - first_step) * cfg.trainer.global_batch_size
     announce(
-        d,
-        data_settings(cfg)
-        + data_report(
-            stream,
-            rows=max(0, cfg.trainer.max_steps - first_step) * cfg.trainer.global_batch_size,
-            slots_setting="checkpoint" if resumed_slots else cfg.data.num_slots,
-        ),
+        d, plan_report(stream, rows=rows, slots_setting="checkpoint" if resumed_slots else cfg.data.num_slots)
     )
     model = build_model(
         cfg.model,
