@@ -419,10 +419,10 @@ def plan_rows(lengths: list[int], max_tokens: int, num_open: int = 8) -> int:
     @dataclass
     class _Item:
         num_tokens: int
-        key: str = ""
+        key: int  # distinct: the packer never puts one key into a row twice
 
     packer = FirstFitPacker(max_tokens, num_open)
-    return sum(len(packer.add(_Item(n))) for n in lengths) + len(packer.flush())
+    return sum(len(packer.add(_Item(n, i))) for i, n in enumerate(lengths)) + len(packer.flush())
 
 
 if __name__ == "__main__":

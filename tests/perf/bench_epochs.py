@@ -6,7 +6,7 @@ first rows, read through the public loader API (rows are really read and process
 
 `--data synthetic`: the default generated set (3000 records in 6 shards, images of 56..140 px) written under a
 temporary folder. A folder: a tests/perf/llava_like.py set (`<folder>/proc` processor, `<folder>/shards`).
-Loader: the `data=shards` settings (max_pixels 1003520, 64 slots unless `--slots`, seed 0). `--plan-only`: the
+Loader: the `data=shards` settings (max_pixels 1003520, `auto` slots unless `--slots`, seed 0). `--plan-only`: the
 rows as planned from the indexes' token counts, nothing read or processed (the rows' records, order and token
 counts are the same; the fill of a long run at real resolution in seconds).
 """
@@ -35,7 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="synthetic")
     ap.add_argument("--rows", type=int, default=12, help="rows to read (over all workers)")
-    ap.add_argument("--slots", default="64", help="data.num_slots (an int, or auto where the loader has it)")
+    ap.add_argument(
+        "--slots", default="auto", help="data.num_slots: an int, or auto (the loader of issue 24)"
+    )
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--shuffle-buffer", type=int, default=1024, help="where the loader still has one")
