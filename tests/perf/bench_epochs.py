@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from data import index as shard_index
 from data import loader as loader_module
 from data.loader import PackedRowStream, ResumableLoader
 from data.processing import SampleProcessor
@@ -42,10 +43,28 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--shuffle-buffer", type=int, default=1024, help="where the loader still has one")
     ap.add_argument("--plan-only", action="store_true", help="planned rows only: nothing read or processed")
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        default=0,
+        help="with --plan-only: ViT balance over this many data-parallel ranks (one row each per step): "
+        "max/mean ViT patches per rank per step, patches from the planned visual tokens (x merge_size^2)",
+    )
     args = ap.parse_args()
-    if (
-        args.plan_only
-    ):  # a row of references as the loader would read them (works on the loader before 24 too)
+    visual: dict[str, int] = {}  # record -> planned visual tokens
+
+    def visual_tokens(slot, ref) -> int:
+        if ref.key not in visual:
+            idx, proc = slot.s.index(ref.url), slot.s.processor
+            raw = shard_index.read_member(idx, ref.record, "json")
+            ids = proc._plan(proc._messages(raw), idx.media_sizes(ref.record), False).input_ids
+            visual[ref.key] = int(
+                ((ids == proc.tokens.image_token_id) | (ids == proc.tokens.video_token_id)).sum()
+            )
+        return visual[ref.key]
+
+    # --plan-only: a row of references as the loader would read them (works on the loader before 24 too)
+    if args.plan_only:
 
         def planned(slot, refs):
             slot.counts.clear()
@@ -55,6 +74,7 @@ def main() -> None:
                 "num_samples": len(refs),
                 "input_ids": torch.empty(1, sum(r.num_tokens for r in refs)),
                 **({"sample_epochs": [r.epoch for r in refs]} if hasattr(refs[0], "epoch") else {}),
+                **({"visual_tokens": sum(visual_tokens(slot, r) for r in refs)} if args.ranks else {}),
             }
 
         loader_module._Slot._row = planned
@@ -117,6 +137,17 @@ def main() -> None:
     print(
         f"  packing fill: {tokens / (len(rows) * args.max_tokens):.2%} of {len(rows)} rows x {args.max_tokens}"
     )
+    if args.ranks:
+        merge = processor.image_processor.merge_size**2
+        ratios = []
+        for step in range(len(rows) // args.ranks):
+            patches = [r["visual_tokens"] * merge for r in rows[step * args.ranks : (step + 1) * args.ranks]]
+            ratios.append(max(patches) / max(1e-9, sum(patches) / len(patches)))
+        ratios.sort()
+        print(
+            f"  ViT patches per rank per step over {args.ranks} ranks x 1 row, {len(ratios)} steps: max/mean "
+            f"median {ratios[len(ratios) // 2]:.2f}, mean {sum(ratios) / len(ratios):.2f}, worst {ratios[-1]:.2f}"
+        )
     if "sample_epochs" in rows[0]:
         epochs = Counter(e for r in rows for e in r["sample_epochs"])
         print(f"  samples per epoch (0 = the first pass): {dict(sorted(epochs.items()))}")
