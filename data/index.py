@@ -413,16 +413,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_rows(lengths: list[int], max_tokens: int, num_open: int = 8) -> int:
-    """How many rows the best-fit packer makes of these sample lengths (from the index, nothing decoded)."""
-    from data.packing import BestFitPacker
+    """How many rows the first-fit packer makes of these sample lengths (from the index, nothing decoded)."""
+    from data.packing import FirstFitPacker
 
     @dataclass
     class _Item:
         num_tokens: int
-        key: str = ""
+        key: int  # distinct: the packer never puts one key into a row twice
 
-    packer = BestFitPacker(max_tokens, num_open)
-    return sum(len(packer.add(_Item(n))) for n in lengths) + len(packer.flush())
+    packer = FirstFitPacker(max_tokens, num_open)
+    return sum(len(packer.add(_Item(n, i))) for i, n in enumerate(lengths)) + len(packer.flush())
 
 
 if __name__ == "__main__":

@@ -1,27 +1,48 @@
-"""Streaming loader: shard indexes -> record references -> shuffle -> plan -> pack -> read + process -> rows.
+"""Streaming loader: shard indexes -> per-epoch permutation -> slots -> plan -> pack -> read + process -> rows.
 
-**Virtual slots.** The stream is `num_slots` independent slot streams. Slot i owns a fixed share of each source's
-epochs (whole shards dealt round-robin when there are at least as many shards as slots, else every
-`num_slots`-th record) and makes rows 0, 1, 2, ... Global row g is row g // S of slot g % S. Rank r of W takes
-global rows r, r + W, r + 2W, ... (slot i belongs to rank i % W) and DataLoader worker k of K takes that
-rank's rows k, k + K, ... An optimizer step of G rows therefore consumes global rows [s*G, (s+1)*G) whatever W
-and K are, and the stream position is nothing but the slot states. A checkpoint taken at a step boundary
-resumes on any world size and worker count for which W * K divides S (`data.num_slots`).
+**Epochs.** An epoch of a source is every readable record of it exactly once: a seeded permutation of all its
+(shard, record) references, reshuffled every epoch (numpy's PCG64 seeded by data.seed, the source and the epoch).
+Epoch e's permutation is dealt to the `num_slots` virtual slots round-robin (slot i takes positions i, i + S,
+..., so the slots' shares differ by at most one record), and each slot packs its share, then its share of epoch
+e + 1, and so on. The union of the slots' epoch-e shares is the whole source, once: that is what makes an epoch
+exact over every rank, worker and slot. A row may span an epoch boundary (its last records of epoch e, its first
+of e + 1), but the packer never puts one record into a row twice: a record that would repeat one already in an
+open row goes to another row or opens one. The packer fills its oldest open row first (data/packing.py), so a
+record reaches a row within about `open_rows` rows of its slot after it was drawn: epoch e's last records are
+trained on at most that many rows of the slot into epoch e + 1. `open_rows` is `num_open_rows` (8), but never more
+than the rows a slot's share of an epoch fills (at least 2, so that a record which would repeat one in a row has
+another row to go to): a small data set packs two rows at a time, and the epochs stay in order. Every sample carries the epoch it was drawn in
+(`sample_epochs`). A weighted mixture (`data.mixture`) draws each record's source by a seeded weighted draw per
+slot, and every source cycles its own epochs: source i completes an epoch after ~N_i / p_i draws (N_i readable
+records, p_i its share of the weights), so a small, heavily weighted source is passed over more often.
 
-**What a slot holds.** Per source a cursor (epoch, position in its share); a shuffle buffer of record
-*references* (shard, record number: nothing read yet); a best-fit packer over references with their planned
-token counts; completed rows not yet handed out. A reference leaving the buffer is *planned*: its token count
-comes from the shard index when the index holds this processor's counts, else from the record's JSON member
-and the media sizes in the index (one small read, no pixel decoded); bad records are counted here. When the
-packer completes a row, its records are read (one seek each, `data/index.py`) and processed, with pixels kept as
-uint8 (`data/pixels.py`). So host memory is the open rows' references plus one row of pixels: it does not grow
-with `shuffle_buffer`, and a resumed slot re-reads nothing to restore its buffer or packer.
+**How many slots.** A slot needs at least one record per epoch of every source (else refused, naming
+`data.num_slots`), and a slot's epochs follow one another cleanly when its share of an epoch is at least what its
+packer holds in flight (`num_open_rows` rows' worth): with smaller shares a row spans several epochs (never
+repeating a record). `fit_slots` checks an explicit `data.num_slots` against the shard indexes' record counts, or
+derives `auto` from them: the most slots, up to 64, of the form world_size x num_workers x 2^k whose shares are
+that large (at least one slot per consumer); records per row are estimated from the planned token counts.
+
+**Virtual slots.** The stream is `num_slots` independent slot streams. Global row g is row g // S of slot g % S.
+Rank r of W takes global rows r, r + W, r + 2W, ... (slot i belongs to rank i % W) and DataLoader worker k of K
+takes that rank's rows k, k + K, ... An optimizer step of G rows therefore consumes global rows [s*G, (s+1)*G)
+whatever W and K are, and the stream position is nothing but the slot states. A checkpoint taken at a step
+boundary resumes on any world size and worker count for which W * K divides S (`data.num_slots`).
+
+**What a slot holds.** Per source a cursor (epoch, position in its share of that epoch's permutation); a
+first-fit packer over references with their planned token counts; completed rows not yet handed out. A reference
+is *planned* when its slot reaches it: its token count comes from the shard index when the index holds this
+processor's counts, else from the record's JSON member and the media sizes in the index (one small read, no pixel
+decoded); bad records are counted here. When the packer completes a row, its records are read (one seek each,
+`data/index.py`) and processed, with pixels kept as uint8 (`data/pixels.py`). So host memory is the open rows'
+references plus one row of pixels (and each slot's share of the current epoch's permutation, 8 bytes a record),
+and a resumed slot re-reads nothing to restore its packer.
 
 **Bad input** follows `error_policy`: `raise` stops with the reason, `skip` counts it. Each row carries the
 records planned since the previous row of its slot (`records`), the skip counts by reason (`skipped`) and by
 shard (`skipped_shards`), so the trainer can log `data/skipped/<reason>`, name the shards, and abort above
 `max_skip_fraction`. A shard whose index stopped early (truncated, corrupt) or that cannot be read at all is
-counted as `bad_shard` once per epoch, by the slot whose share holds it.
+counted as `bad_shard` once per epoch, by slot (its position in the source's shard list) mod S.
 """
 
 from __future__ import annotations
@@ -32,15 +53,18 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import index as shard_index
-from data.packing import BestFitPacker, collate_row
+from data.packing import FirstFitPacker, collate_row
 from data.processing import SampleError, SampleProcessor, record_id
 
-STATE_VERSION = 3  # 3: virtual slots + the global rows consumed
+STATE_VERSION = 4  # 4: per-epoch permutations dealt to slots, no shuffle buffer; 3: virtual slots
 INDEX_CACHE = 64  # shard indexes a worker keeps in memory
+AUTO_MAX_SLOTS = 64  # data.num_slots=auto derives at most this many slots
+PLAN_SAMPLE = 256  # records per source planned at start to estimate the records per row
 
 
 class DataError(RuntimeError):
@@ -49,11 +73,14 @@ class DataError(RuntimeError):
 
 @dataclass
 class Ref:
-    """A record named by its shard and position in it; `num_tokens` once planned."""
+    """A record named by its shard and position in it, the source and epoch it was drawn in; `num_tokens` once
+    planned."""
 
     url: str
     record: int
     num_tokens: int = 0
+    epoch: int = 0
+    source: int = 0
 
     @property
     def key(self) -> str:  # for the packer's messages
@@ -88,8 +115,7 @@ class PackedRowStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        num_slots: int | None = None,
-        shuffle_buffer: int = 256,
+        num_slots: int | str | None = None,
         error_policy: str = "skip",
         num_open_rows: int = 8,
         epochs: int | None = None,
@@ -111,18 +137,17 @@ class PackedRowStream(IterableDataset):
                 raise ValueError(f"config key `data.mixture`: weights must be > 0, got {self.weights}")
         else:
             self.sources, self.weights = [shard_index.expand_urls(urls or [])], [1.0]
-        if num_slots is not None and num_slots < 1:
+        if num_slots not in (None, "auto") and (not isinstance(num_slots, int) or num_slots < 1):
             raise ValueError(f"config key `data.num_slots`: must be >= 1, got {num_slots}")
         self.processor = processor
         self.max_tokens = max_tokens
         self.seed = seed
         self.rank, self.world_size = rank, world_size
-        self.num_slots = (
-            num_slots  # None: one slot per consumer (world_size x num_workers), set by the loader
-        )
-        self.shuffle_buffer = max(1, shuffle_buffer)
+        # None: one slot per consumer (world_size x num_workers); "auto": derived by `fit_slots`
+        self.num_slots = num_slots
         self.error_policy = error_policy
         self.num_open_rows = num_open_rows
+        self.open_rows = num_open_rows  # per slot's packer: set with the slot count (`open_rows_for`)
         self.epochs = epochs  # None = forever
         self.index_cache_dir = index_cache_dir
         self.fingerprint = processor.fingerprint
@@ -158,6 +183,11 @@ class PackedRowStream(IterableDataset):
                 raise DataError(
                     f"no records could be read from {len(src)} shard(s) of source {i}: {src[:3]}..."
                 )
+        # Per source: the cumulative readable record counts of its shards (in the order given): record q of the
+        # concatenation is record q - ends[i-1] of shard i.
+        self.ends = [list(_cumsum(self.lengths[u] for u in src)) for src in self.sources]
+        self.num_records = [e[-1] if e else 0 for e in self.ends]
+        self.mean_tokens: list[float] | None = None  # per source, from `estimate_rows` (a planned sample)
         self._indexes = OrderedDict(list(self._indexes.items())[-8:])  # workers inherit a small cache
 
     def index(self, url: str, log=None) -> shard_index.ShardIndex:
@@ -173,10 +203,119 @@ class PackedRowStream(IterableDataset):
             self._indexes.move_to_end(url)
         return idx
 
+    def plan_tokens(self, url: str, record: int) -> int:
+        """A record's token count from the index (or its JSON member and the index's media sizes); raises
+        SampleError for a record that cannot be trained on (too long, unplannable)."""
+        idx = self.index(url)
+        rec = idx.records[record]
+        planned = rec.get("num_tokens", {}).get(self.fingerprint)
+        if isinstance(planned, str):
+            raise SampleError(planned, "found when the shard was indexed")
+        if planned is None:
+            if "json" not in rec["members"]:
+                raise SampleError("missing_field", "no .json member")
+            raw = shard_index.read_member(idx, record, "json")
+            planned = self.processor.num_tokens(raw, idx.media_sizes(record), check_length=False)
+        if planned > self.max_tokens:
+            raise SampleError("too_long", f"{planned} tokens > max_tokens={self.max_tokens}")
+        return planned
+
+    def locate(self, source: int, q: int) -> tuple[str, int]:
+        """(shard, record) of record q of the source's concatenated shards."""
+        ends = self.ends[source]
+        i = bisect.bisect_right(ends, q)
+        return self.sources[source][i], q - (ends[i - 1] if i else 0)
+
+    # -- how many slots ---------------------------------------------------------------------------------------
+    def shares(self) -> list[float]:
+        total = sum(self.weights)
+        return [w / total for w in self.weights]
+
+    def estimate_rows(self) -> float:
+        """Records per row, estimated from the planned token counts of a seeded sample of up to PLAN_SAMPLE
+        records per source (from the indexes: nothing decoded); sets `mean_tokens` per source."""
+        if self.mean_tokens is None:
+            means = []
+            for source, n in enumerate(self.num_records):
+                picks = random.Random(_seed(self.seed, 3, source)).sample(range(n), min(n, PLAN_SAMPLE))
+                counts = []
+                for q in picks:
+                    try:
+                        counts.append(self.plan_tokens(*self.locate(source, q)))
+                    except SampleError:
+                        continue  # counted when a slot meets it
+                means.append(sum(counts) / len(counts) if counts else float(self.max_tokens))
+            self.mean_tokens = means
+        mean = sum(p * m for p, m in zip(self.shares(), self.mean_tokens))
+        return max(1.0, self.max_tokens / mean)
+
+    def slot_limits(self) -> tuple[int, int]:
+        """(the most slots that each get at least one record of every source per epoch, the most whose share of
+        every source's epoch is at least what a slot's packer holds in flight: num_open_rows rows' worth)."""
+        in_flight = self.estimate_rows() * self.num_open_rows
+        hard = min(self.num_records)
+        fit = min(int(n // max(1.0, in_flight * p)) for n, p in zip(self.num_records, self.shares()))
+        return hard, fit
+
+    def open_rows_for(self, num_slots: int) -> int:
+        """Open rows per slot's packer: num_open_rows, but no more than the rows a slot's share of an epoch fills
+        (of every source), so that the rows in flight hold about the end of one epoch and the start of the next;
+        at least 2 (a record that would repeat one in a row needs another row to go to, else a half-full row
+        would leave)."""
+        per_row = self.estimate_rows()
+        rows_per_epoch = min(n / num_slots / (per_row * p) for n, p in zip(self.num_records, self.shares()))
+        return max(min(2, self.num_open_rows), min(self.num_open_rows, int(rows_per_epoch)))
+
+    def fit_slots(self, num_slots: int | str | None, num_workers: int) -> int:
+        """Resolve and check `data.num_slots` against the data (call before anything expensive is built): an
+        int is refused when a slot would get no record of a source in an epoch, or when it does not divide
+        over world_size x num_workers; `auto` is the most slots, up to AUTO_MAX_SLOTS, of the form consumers x
+        2^k whose shares of an epoch hold what a slot's packer has in flight (at least one slot per consumer)."""
+        consumers = self.world_size * max(1, num_workers)
+        hard, fit = self.slot_limits()
+        if num_slots is None:
+            num_slots = consumers
+        if num_slots == "auto":
+            if hard < consumers:
+                raise ValueError(
+                    f"config key `data.num_slots`: auto needs at least one slot per consumer (world_size "
+                    f"{self.world_size} x data.num_workers {max(1, num_workers)} = {consumers}), and every slot "
+                    f"at least one record per epoch, but {self._smallest()} has {hard} readable records; lower "
+                    f"data.num_workers or add data"
+                )
+            num_slots = consumers
+            while num_slots * 2 <= min(fit, hard, AUTO_MAX_SLOTS):
+                num_slots *= 2
+        else:
+            self.check_slots(num_slots, self.world_size, num_workers)
+            if num_slots > hard:
+                best = (hard // consumers) * consumers
+                raise ValueError(
+                    f"config key `data.num_slots`: {num_slots} slots, but {self._smallest()} has {hard} readable "
+                    f"records: slots would get no record in an epoch. Use data.num_slots=auto"
+                    + (
+                        f" or at most {best} (a multiple of world_size x num_workers = {consumers})"
+                        if best
+                        else ""
+                    )
+                )
+        self.num_slots = num_slots
+        self.open_rows = self.open_rows_for(num_slots)
+        return num_slots
+
+    def _smallest(self) -> str:
+        i = min(range(len(self.num_records)), key=self.num_records.__getitem__)
+        return "the data" if len(self.sources) == 1 else f"source {i} (data.mixture[{i}])"
+
     # -- which slots this consumer plays -----------------------------------------------------------------------
     def resolve_slots(self, num_workers: int) -> int:
-        """`num_slots`, or one slot per consumer when unset; refused (naming the key) if it does not divide."""
-        return self.check_slots(self.num_slots, self.world_size, num_workers)
+        """`num_slots` (derived by `fit_slots` when auto), or one slot per consumer when unset; refused (naming
+        the key) if it does not divide."""
+        if self.num_slots == "auto":
+            return self.fit_slots("auto", num_workers)
+        num_slots = self.check_slots(self.num_slots, self.world_size, num_workers)
+        self.open_rows = self.open_rows_for(num_slots)
+        return num_slots
 
     @staticmethod
     def check_slots(num_slots: int | None, world_size: int, num_workers: int) -> int:
@@ -225,42 +364,31 @@ class _Slot:
         self.s, self.slot, self.num_slots = stream, slot, num_slots
         self.cursors = [[0, 0] for _ in stream.sources]  # per source: [epoch, position in this slot's share]
         self.mix_rng = random.Random(_seed(stream.seed, 1, slot))
-        self.shuffle_rng = random.Random(_seed(stream.seed, 2, slot))
-        self.packer = BestFitPacker(stream.max_tokens, stream.num_open_rows)
-        self.buffer: list[Ref] = []
+        self.packer = FirstFitPacker(stream.max_tokens, stream.open_rows)
         self.pending: list[list[Ref]] = []
         self.rows_out = 0
         self.counts: Counter = Counter()
         self.by_shard: dict[str, Counter] = {}
         # `url#record` (or a bad shard's url) -> reason, for the skips since the last row
         self.skipped_ids: dict[str, str] = {}
-        self._shares: dict[int, tuple] = {}
+        self._shares: dict[int, tuple[int, np.ndarray]] = {}
         if state is not None:
             self._load(state)
 
     # -- the share of one epoch -------------------------------------------------------------------------------
-    def _share(self, source: int, epoch: int):
-        """(shards, cumulative record counts, first, stride, length): position p is record first + p * stride of
-        the concatenated shards."""
+    def _share(self, source: int, epoch: int) -> np.ndarray:
+        """This slot's positions in the source's epoch permutation: record numbers of the concatenated shards."""
         cached = self._shares.get(source)
         if cached is None or cached[0] != epoch:  # one epoch per source is cached: the current one
-            shards = list(self.s.sources[source])
-            random.Random(_seed(self.s.seed, source, epoch)).shuffle(shards)
-            if len(shards) >= self.num_slots:
-                shards, first, stride = shards[self.slot :: self.num_slots], 0, 1
-            else:
-                first, stride = self.slot, self.num_slots
-            ends = list(_cumsum(self.s.lengths[u] for u in shards))
-            total = ends[-1] if ends else 0
-            cached = (epoch, shards, ends, first, stride, max(0, -(-(total - first) // stride)))
+            rng = np.random.Generator(np.random.PCG64(_seed(self.s.seed, source, epoch)))
+            perm = rng.permutation(self.s.num_records[source])
+            cached = (epoch, perm[self.slot :: self.num_slots].copy())
             self._shares[source] = cached
-        return cached[1:]
+        return cached[1]
 
-    def _count_bad_shards(self, source: int, epoch: int) -> None:
-        shards, _, _, stride, _ = self._share(source, epoch)
-        mine = shards if stride == 1 else shards[self.slot :: self.num_slots]
-        for url in mine:
-            if url in self.s.errors:
+    def _count_bad_shards(self, source: int) -> None:
+        for i, url in enumerate(self.s.sources[source]):
+            if i % self.num_slots == self.slot and url in self.s.errors:
                 self._skip("bad_shard", url, f"bad_shard: {self.s.errors[url]}")
 
     def _next_ref(self) -> Ref | None:
@@ -268,25 +396,21 @@ class _Slot:
             0 if len(self.cursors) == 1 else self.mix_rng.choices(range(len(self.cursors)), self.s.weights)[0]
         )
         cur = self.cursors[source]
-        empty_epochs = 0
         while self.s.epochs is None or cur[0] < self.s.epochs:
             if cur[1] == 0:
-                self._count_bad_shards(source, cur[0])
-            shards, ends, first, stride, length = self._share(source, cur[0])
-            if cur[1] < length:
-                q = first + cur[1] * stride
-                i = bisect.bisect_right(ends, q)
+                self._count_bad_shards(source)
+            share = self._share(source, cur[0])
+            if cur[1] < len(share):
+                url, record = self.s.locate(source, int(share[cur[1]]))
                 cur[1] += 1
-                return Ref(shards[i], q - (ends[i - 1] if i else 0))
-            cur[0], cur[1] = cur[0] + 1, 0
-            empty_epochs = empty_epochs + 1 if length == 0 else 0
-            if empty_epochs >= 2:
-                total = sum(self.s.lengths[u] for u in self.s.sources[source])
+                return Ref(url, record, epoch=cur[0], source=source)
+            if len(share) == 0 and self.s.epochs is None:  # every epoch's share has the same size: none, ever
                 raise DataError(
                     f"config key `data.num_slots`: slot {self.slot} gets no records of source {source} "
-                    f"({total} readable records in {len(self.s.sources[source])} shards for {self.num_slots} "
-                    f"slots); lower data.num_slots or add data"
+                    f"({self.s.num_records[source]} readable records in {len(self.s.sources[source])} shards for "
+                    f"{self.num_slots} slots); use data.num_slots=auto, lower it, or add data"
                 )
+            cur[0], cur[1] = cur[0] + 1, 0
         return None  # `epochs` reached (for a mixture: by the first source to get there)
 
     # -- plan, pack, read ---------------------------------------------------------------------------------------
@@ -301,26 +425,14 @@ class _Slot:
 
     def _plan(self, ref: Ref) -> bool:
         """Set ref.num_tokens from the index (or the JSON member); False if the record is skipped."""
-        idx = self.s.index(ref.url)
-        rec = idx.records[ref.record]
         self.counts["records"] += 1
         try:
-            planned = rec.get("num_tokens", {}).get(self.s.fingerprint)
-            if isinstance(planned, str):
-                raise SampleError(planned, "found when the shard was indexed")
-            if planned is None:
-                if "json" not in rec["members"]:
-                    raise SampleError("missing_field", "no .json member")
-                raw = shard_index.read_member(idx, ref.record, "json")
-                planned = self.s.processor.num_tokens(raw, idx.media_sizes(ref.record), check_length=False)
-            if planned > self.s.max_tokens:
-                raise SampleError("too_long", f"{planned} tokens > max_tokens={self.s.max_tokens}")
+            ref.num_tokens = self.s.plan_tokens(ref.url, ref.record)
         except SampleError as e:
-            self._skip(
-                e.reason, ref.url, f"{e} ({self._record_id(idx, ref)}record {rec['key']!r})", ref.record
-            )
+            idx = self.s.index(ref.url)
+            key = idx.records[ref.record]["key"]
+            self._skip(e.reason, ref.url, f"{e} ({self._record_id(idx, ref)}record {key!r})", ref.record)
             return False
-        ref.num_tokens = planned
         return True
 
     @staticmethod
@@ -334,13 +446,9 @@ class _Slot:
             return ""
         return "" if rid is None else f"record id {rid!r}, "
 
-    def _add(self, ref: Ref) -> None:
-        if self._plan(ref):
-            self.pending += self.packer.add(ref)
-
     def _row(self, refs: list[Ref]) -> dict | None:
         """Read and process a completed row's records; None if every one of them failed."""
-        samples = []
+        samples, kept = [], []
         for ref in refs:
             idx = self.s.index(ref.url)
             record = shard_index.read_record(idx, ref.record)  # IndexMismatch stops the run: never trusted
@@ -359,6 +467,7 @@ class _Slot:
                     f"`python -m data.index {ref.url} --force`"
                 )
             samples.append(sample)
+            kept.append(ref)
         if not samples:
             return None
         tokens = self.s.processor.tokens
@@ -372,16 +481,32 @@ class _Slot:
         row["skipped"] = dict(self.counts)
         row["skipped_shards"] = {u: dict(c) for u, c in self.by_shard.items()}
         row["skipped_records"] = dict(self.skipped_ids)
-        row["epoch"] = self.cursors[0][0]
+        row["sample_epochs"] = [r.epoch for r in kept]  # the epoch each sample was drawn in (0 = first pass)
+        row["sample_sources"] = [r.source for r in kept]
+        row["epoch"] = max(row["sample_epochs"])
         row["videos"] = [v for s in samples for v in s.videos]
         self.counts.clear()
         self.by_shard.clear()
         self.skipped_ids.clear()
         return row
 
-    def _emit(self) -> Iterator[dict]:
+    def planned_rows(self) -> Iterator[list[Ref]]:
+        """The slot's rows as references, in order (nothing read): rows completed before a checkpoint first."""
+        while True:
+            while self.pending:
+                yield self.pending.pop(0)
+            ref = self._next_ref()
+            if ref is None:
+                break
+            if self._plan(ref):
+                self.pending += self.packer.add(ref)
+        self.pending += self.packer.flush()  # the end of the last epoch (finite streams only)
         while self.pending:
-            out = [self._row(self.pending.pop(0))]
+            yield self.pending.pop(0)
+
+    def rows(self) -> Iterator[dict]:
+        for refs in self.planned_rows():
+            out = [self._row(refs)]
             if out[0] is None:
                 continue
             out[0]["slot"], out[0]["global_row"] = self.slot, self.rows_out * self.num_slots + self.slot
@@ -391,29 +516,12 @@ class _Slot:
             # generators suspended, and each would pin its last row (up to ~130 MB of pixels at 32K).
             yield out.pop()
 
-    def rows(self) -> Iterator[dict]:
-        yield from self._emit()  # rows completed before the checkpoint but not yet handed out
-        while True:
-            ref = self._next_ref()
-            if ref is None:
-                break
-            self.buffer.append(ref)
-            if len(self.buffer) >= self.s.shuffle_buffer:
-                self._add(self.buffer.pop(self.shuffle_rng.randrange(len(self.buffer))))
-                yield from self._emit()
-        while self.buffer:  # the end of the last epoch: drain the buffer, then flush the packer
-            self._add(self.buffer.pop(self.shuffle_rng.randrange(len(self.buffer))))
-            yield from self._emit()
-        self.pending += self.packer.flush()
-        yield from self._emit()
-
     # -- state ---------------------------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
         urls: dict[str, int] = {}
 
-        def ref(r: Ref, planned: bool) -> list:
-            u = urls.setdefault(r.url, len(urls))
-            return [u, r.record, r.num_tokens] if planned else [u, r.record]
+        def ref(r: Ref) -> list:
+            return [urls.setdefault(r.url, len(urls)), r.record, r.num_tokens, r.epoch, r.source]
 
         return {
             "version": STATE_VERSION,
@@ -421,10 +529,8 @@ class _Slot:
             "rows": self.rows_out,
             "cursors": [list(c) for c in self.cursors],
             "mix_rng": _rng_state(self.mix_rng),
-            "shuffle_rng": _rng_state(self.shuffle_rng),
-            "buffer": [ref(r, False) for r in self.buffer],
-            "packer": [[ref(r, True) for r in row] for row in self.packer.rows],
-            "pending": [[ref(r, True) for r in row] for row in self.pending],
+            "packer": [[ref(r) for r in row] for row in self.packer.rows],
+            "pending": [[ref(r) for r in row] for row in self.pending],
             "urls": list(urls),
         }
 
@@ -437,13 +543,11 @@ class _Slot:
                 )
 
         def ref(r: list) -> Ref:
-            return Ref(urls[r[0]], r[1], r[2] if len(r) > 2 else 0)
+            return Ref(urls[r[0]], r[1], r[2], r[3], r[4])
 
         self.rows_out = state["rows"]
         self.cursors = [list(c) for c in state["cursors"]]
         _set_rng_state(self.mix_rng, state["mix_rng"])
-        _set_rng_state(self.shuffle_rng, state["shuffle_rng"])
-        self.buffer = [ref(r) for r in state["buffer"]]
         self.packer.rows = [[ref(r) for r in row] for row in state["packer"]]
         self.pending = [[ref(r) for r in row] for row in state["pending"]]
 
@@ -510,7 +614,8 @@ class ResumableLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"config key `trainer.resume`: the checkpoint's data position has format {state.get('version')}, "
-                f"this loader reads {STATE_VERSION} (virtual slots); resume with the code that wrote it"
+                f"this loader reads {STATE_VERSION} (per-epoch permutations over virtual slots); resume with the code that "
+                f"wrote it"
             )
         if state["num_slots"] != self.num_slots:
             raise ValueError(
@@ -598,6 +703,60 @@ def video_report(stream: PackedRowStream, examples: int = 2) -> list[str]:
                 f"{d['frames']} frames @ {d['effective_fps']:.2f} fps, grid {d['grid']}, "
                 f"{d['visual_tokens']:,} visual tokens"
             )
+    return lines
+
+
+def source_report(stream: PackedRowStream) -> list[str]:
+    """What a run trains on (from the indexes: nothing decoded): sources, shards, readable records."""
+    stream.estimate_rows()  # mean tokens per record
+    lines = []
+    for i, (src, n) in enumerate(zip(stream.sources, stream.num_records)):
+        bad = [u for u in src if u in stream.errors]
+        name = "" if len(stream.sources) == 1 else f"data.mixture[{i}] (weight {stream.weights[i]:g}): "
+        lines.append(
+            f"data: {name}{len(src)} shard{'s' * (len(src) != 1)} ({src[0]}"
+            + (f" .. {src[-1]}" if len(src) > 1 else "")
+            + f"), {n:,} readable records"
+            + (f" ({len(bad)} unreadable or truncated shards: {bad[:3]})" if bad else "")
+            + f", ~{stream.mean_tokens[i]:,.0f} tokens per record"
+        )
+    return lines
+
+
+def plan_report(stream: PackedRowStream, *, rows: int, slots_setting: int | str | None) -> list[str]:
+    """The slots (after `fit_slots`) and how many epochs `rows` global rows cover (records per row estimated
+    from the planned token counts)."""
+    per_row = stream.estimate_rows()
+    num_slots = stream.num_slots
+    hard, fit = stream.slot_limits()
+    lines = []
+    how = {
+        "auto": "data.num_slots=auto: the most, up to 64, whose shares of an epoch fill a slot's open rows",
+        "checkpoint": "data.num_slots=auto, as the checkpoint was written",
+        None: "one per consumer",
+    }.get(slots_setting, "data.num_slots")
+    lines.append(
+        f"data: ~{per_row:.1f} records per {stream.max_tokens:,}-token row (planned token counts); "
+        f"{num_slots} slots ({how}): ~{min(stream.num_records) / num_slots:,.0f} records per slot per epoch"
+        + (
+            f"; fewer than data.num_open_rows={stream.num_open_rows} rows' worth: {stream.open_rows} open "
+            f"row{'s' * (stream.open_rows != 1)} per slot, so epochs stay in order (a row may span "
+            f"epochs, never repeating a record)"
+            if num_slots > fit
+            else ""
+        )
+    )
+    samples = rows * per_row
+    epochs = [samples * p / n for p, n in zip(stream.shares(), stream.num_records)]
+    lines.append(
+        f"data: this run: {rows:,} rows ~ {samples:,.0f} samples ~ "
+        + (
+            f"{epochs[0]:.2f} epochs"
+            if len(epochs) == 1
+            else ", ".join(f"{e:.2f} epochs of data.mixture[{i}]" for i, e in enumerate(epochs))
+        )
+        + " (an epoch: every readable record once, reshuffled for the next)"
+    )
     return lines
 
 

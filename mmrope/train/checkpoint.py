@@ -317,6 +317,9 @@ class CheckpointManager:
             "step": states[0]["step"],
             "tokens_seen": states[0].get("tokens_seen", 0),
             "nonfinite_skips": states[0].get("nonfinite_skips", 0),
+            "epochs": {
+                k: max(s.get("epochs", {}).get(k, 0) for s in states) for k in states[0].get("epochs", {})
+            },
             "records": sum(s.get("records", 0) for s in states) if first else 0,
             "skipped": skipped if first else {},
             "skipped_shards": skipped_shards if first else {},

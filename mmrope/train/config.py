@@ -109,11 +109,14 @@ class DataConfig:
     max_pixels: int = must_match(28 * 28 * 1280)
     video: VideoSampling = must_match(factory=VideoSampling)  # how video files are sampled (data/video.py)
     system_prompt: str | None = must_match(None)  # None: the chat template's default
-    shuffle_buffer: int = 256  # record references per slot (nothing is read while a record waits here)
     num_workers: int = 0  # DataLoader worker processes per rank
     # Virtual slots (data/loader.py): the stream position is theirs, so a run resumes exactly on any world size
-    # and num_workers whose product divides num_slots. Fixed for a run.
-    num_slots: int = must_match(8)
+    # and num_workers whose product divides num_slots. Fixed for a run. An int, or `auto`: derived at start from
+    # the shard indexes' record counts (a resumed run keeps its checkpoint's). Any: an int or the string "auto".
+    num_slots: Any = must_match("auto")
+    # Open rows per slot's packer (first-fit, oldest first): more packs fuller rows, fewer keeps a record closer to
+    # the order it was drawn in (a record is trained on within about num_open_rows rows of its slot).
+    num_open_rows: int = must_match(8)
     error_policy: str = "skip"  # raise | skip (eval data always raises)
     max_skip_fraction: float = 0.05  # abort once more than this fraction of records was skipped
     seed: int = must_match(0)  # of the stream order (shard permutation, shuffle, mixture draws)
@@ -145,13 +148,17 @@ class DataConfig:
         _one_of(self.error_policy, ERROR_POLICIES, "data.error_policy")
         _require(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _require(self.num_slots >= 1, "data.num_slots", f"must be >= 1, got {self.num_slots}")
         _require(
-            self.num_slots % max(1, self.num_workers) == 0,
+            self.num_slots == "auto" or (type(self.num_slots) is int and self.num_slots >= 1),
+            "data.num_slots",
+            f"must be auto or an int >= 1, got {self.num_slots!r}",
+        )
+        _require(self.num_open_rows >= 1, "data.num_open_rows", f"must be >= 1, got {self.num_open_rows}")
+        _require(
+            self.num_slots == "auto" or self.num_slots % max(1, self.num_workers) == 0,
             "data.num_slots",
             f"{self.num_slots} slots cannot be split evenly over num_workers={self.num_workers}",
         )
-        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
 
 @dataclass

@@ -89,8 +89,7 @@ class Evaluator:
                 self.sample_processor,
                 max_tokens=self.cfg.data.max_tokens,
                 seed=self.cfg.data.seed,
-                shuffle_buffer=1,  # no shuffling: the same rows at every evaluation
-                for_eval=True,  # one pass, a bad record raises
+                for_eval=True,  # one pass (a seeded permutation: the same rows every time), a bad record raises
                 index_cache_dir=self.cfg.data.cache_dir,
             )
             rows = []

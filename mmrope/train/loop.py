@@ -85,6 +85,9 @@ class Trainer:
             None  # set by the session when FLOPs can be counted for the model
         )
         self._step_composition: dict = {}
+        # Per source: the epoch (0 = the first pass) of the oldest records of a step, the highest so far on this
+        # rank (a row may hold the end of one epoch and the start of the next: the epoch is the one being ended).
+        self.epochs: dict[int, int] = {}
         self.evaluator = None  # mmrope.train.eval.Evaluator, set by the session when trainer.eval.every > 0
         self.benchmarks = (
             None  # mmrope.train.benchmarks.Benchmarks (rank 0), when trainer.eval.benchmarks.tasks
@@ -118,13 +121,14 @@ class Trainer:
             first = loss if first is None else first
             last = loss
             lr = self.engine.get_lr()[0]
-            self.metrics.progress(self.step, loss, lr)
+            self.metrics.progress(self.step, loss, lr, epoch=self.epochs[0] + 1 if 0 in self.epochs else None)
             step_time = time.perf_counter() - tic
             # Every rank evaluates (same rows, ZeRO-3 gathers in lockstep); logged in this step's record.
             evals = self.evaluator.maybe_run(self.step) if self.evaluator is not None else {}
             # Step 1 is always logged: loss curves start where training starts, not at step log_every.
             if evals or self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                 stats.update(self._skip_report())  # every rank joins: the counts are gathered
+                stats.update(self._epoch_report())  # ... and the epochs
                 self.metrics.log(
                     self.step,
                     {
@@ -164,6 +168,12 @@ class Trainer:
 
     def train_step(self) -> tuple[float, dict]:
         rows = [next(self.rows) for _ in range(self.accum)]
+        oldest: dict[int, int] = {}
+        for r in rows:
+            for epoch, source in zip(r.get("sample_epochs", ()), r.get("sample_sources", ())):
+                oldest[source] = min(epoch, oldest.get(source, epoch))
+        for source, epoch in oldest.items():
+            self.epochs[source] = max(epoch, self.epochs.get(source, epoch))
         self._account(rows)
         if self._waiting_since is not None:  # the progress bar starts once this step is done
             waited, self._waiting_since = time.perf_counter() - self._waiting_since, None
@@ -263,6 +273,19 @@ class Trainer:
                 if key not in self.skipped_records:
                     self._new_skipped[key] = reason
 
+    def _epoch_report(self) -> dict:
+        """`data/epoch`: the pass over the data (counting from 1) that the steps' oldest records come from, never
+        decreasing, over all ranks; a mixture adds `data/epoch/<i>` per source (each source cycles its own
+        epochs). Every rank must call it."""
+        epochs: dict[int, int] = {}
+        for mine in _all_gather(self.epochs):
+            for source, epoch in mine.items():
+                epochs[source] = max(epoch, epochs.get(source, epoch))
+        out = {"data/epoch": epochs[0] + 1} if 0 in epochs else {}
+        if len(self.cfg.data.mixture) > 1:
+            out.update({f"data/epoch/{s}": e + 1 for s, e in sorted(epochs.items())})
+        return out
+
     def _global_skips(self) -> tuple[int, Counter, dict[str, Counter]]:
         """(records read, skips by reason, skips by shard) over all ranks, and the global set of skipped records
         brought up to date (only each rank's new ones travel). Every rank must call it."""
@@ -328,6 +351,7 @@ class Trainer:
                 "skipped_shards": {url: dict(c) for url, c in self.skipped_shards.items()},
                 "skipped_records": {**self.skipped_records, **self._new_skipped},
                 "nonfinite_skips": self.nonfinite_skips,
+                "epochs": dict(self.epochs),  # for data/epoch
                 # exact stream position of the rows consumed so far (data.loader.ResumableLoader)
                 "data": self.rows.state_dict() if hasattr(self.rows, "state_dict") else None,
             },

@@ -137,12 +137,13 @@ class Metrics:
                 self._late_axis = True
             self.run.log({**values, "bench/checkpoint_step": checkpoint_step}, step=current_step)
 
-    def progress(self, step: int, loss: float, lr: float) -> None:
+    def progress(self, step: int, loss: float, lr: float, epoch: int | None = None) -> None:
         if self.enabled and self.bar is None:
             self.bar = tqdm(**self._bar_args)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            extra = {} if epoch is None else {"epoch": epoch}
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **extra, refresh=False)
 
     def print(self, msg: str) -> None:
         if self.enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections import Counter
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from data.loader import PackedRowStream, ResumableLoader, video_report
+from data.loader import PackedRowStream, ResumableLoader, plan_report, source_report, video_report
 from data.processing import SampleProcessor
 from data.processor import VLProcessor, processor_for
 from data.synthetic import write_synthetic_shards
@@ -176,6 +177,64 @@ def fit_workers(
     return workers
 
 
+def make_stream(cfg: TrainConfig, d: Dist, sample_processor: SampleProcessor) -> PackedRowStream:
+    mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
+    return _rank0_first(  # rank 0 builds missing shard indexes, the others read them
+        d,
+        lambda: PackedRowStream(
+            None if mixture else shard_urls(cfg, d),
+            sample_processor,
+            max_tokens=cfg.data.max_tokens,
+            seed=cfg.data.seed,
+            rank=d.dp_rank,  # the ranks of an SP group read the same rows
+            world_size=d.dp_size,
+            num_slots=cfg.data.num_slots,
+            num_open_rows=cfg.data.num_open_rows,
+            error_policy=cfg.data.error_policy,
+            mixture=mixture or None,
+            index_cache_dir=cfg.data.cache_dir,
+            log=print if d.is_main else (lambda _: None),
+        ),
+    )
+
+
+def saved_num_slots(checkpoint: Path | None) -> int | None:
+    """The slot count a committed checkpoint's data position was written with (data.num_slots=auto keeps it)."""
+    if checkpoint is None or not (checkpoint / "rank_0.pt").is_file():
+        return None
+    data = torch.load(checkpoint / "rank_0.pt", weights_only=False).get("data")
+    return data.get("num_slots") if data else None
+
+
+def data_settings(cfg: TrainConfig) -> list[str]:
+    """The effective data settings, and a warning where the default group's small-data limits meet user data."""
+    c = cfg.data
+    group = "data=shards" if c.source == "shards" else "data=synthetic (the default group)"
+    lines = [
+        f"data settings ({group}): max_tokens {c.max_tokens}, min_pixels {c.min_pixels}, max_pixels "
+        f"{c.max_pixels} (~{int(c.max_pixels**0.5)}x{int(c.max_pixels**0.5)} px), num_workers {c.num_workers}, "
+        f"error_policy {c.error_policy} (max_skip_fraction {c.max_skip_fraction}), seed {c.seed}"
+    ]
+    if c.source == "synthetic" and c.shards:
+        lines.append(
+            f"note: data.shards without data=shards: your shards are read with the default group's small-data "
+            f"limits (max_tokens {c.max_tokens}, max_pixels {c.max_pixels}); for real data add data=shards "
+            f"(max_tokens 32768, max_pixels 1003520) or set data.max_tokens / data.max_pixels"
+        )
+    return lines
+
+
+def announce(d: Dist, lines: list[str]) -> None:
+    """Print on the main rank, and write to the run's log files (Hydra's train.log) where logging has them."""
+    if not d.is_main:
+        return
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for line in lines:
+        print(line, flush=True)
+        for h in files:
+            h.emit(logging.LogRecord("mmrope.data", logging.INFO, __file__, 0, line, None, None))
+
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -243,16 +302,31 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
     # the virtual slots carry the data position. Slots that do not divide are refused here (data.num_slots).
     resized = manifest is not None and manifest["world_size"] != d.world_size
-    if resized:
-        PackedRowStream.check_slots(cfg.data.num_slots, d.dp_size, cfg.data.num_workers)
+    if resized:  # data.num_slots=auto keeps the checkpoint's count
+        slots = saved_num_slots(latest) if cfg.data.num_slots == "auto" else cfg.data.num_slots
+        PackedRowStream.check_slots(slots, d.dp_size, cfg.data.num_workers)
     if record is not None:  # accepted: from here on the call is the run's (a refusal above wrote nothing)
         rundir.claim(record, rank=d.rank)
 
     # Start-up can take a minute on real checkpoints and data: say what is happening (rank 0).
     status = (lambda msg: print(msg, flush=True)) if d.is_main else (lambda _: None)
-    status("building processor and model...")
+    status("building the processor...")
     processor = make_processor(cfg, d)
     encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
+    # The data first, in seconds, before the model: shard indexes, record counts, the slot count (refused naming
+    # data.num_slots where it does not fit the data or the world), and what the run will train on.
+    sample_processor = make_sample_processor(cfg, processor, encoding)
+    status("opening the data (shard indexes)...")
+    stream = make_stream(cfg, d, sample_processor)
+    announce(d, data_settings(cfg) + source_report(stream))
+    resumed_slots = saved_num_slots(latest) if cfg.data.num_slots == "auto" else None
+    stream.fit_slots(resumed_slots or cfg.data.num_slots, cfg.data.num_workers)
+    first_step = int(latest.name.split("_")[-1]) if latest is not None else 0
+    rows = max(0, cfg.trainer.max_steps - first_step) * cfg.trainer.global_batch_size
+    announce(
+        d, plan_report(stream, rows=rows, slots_setting="checkpoint" if resumed_slots else cfg.data.num_slots)
+    )
+    status("building the model...")
     model = build_model(
         cfg.model,
         vocab_size=len(processor.tokenizer),
@@ -283,28 +357,8 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     if any(c.startswith("changed: trainer.optim.") for c in changes):
         apply_optim_config(engine, cfg.trainer.optim)
 
-    sample_processor = make_sample_processor(cfg, processor, encoding)
-    mixture = [(list(m["shards"]), float(m["weight"])) for m in cfg.data.mixture]
-    status("opening the data (shard indexes)...")
-    stream = _rank0_first(  # rank 0 builds missing shard indexes, the others read them
-        d,
-        lambda: PackedRowStream(
-            None if mixture else shard_urls(cfg, d),
-            sample_processor,
-            max_tokens=cfg.data.max_tokens,
-            seed=cfg.data.seed,
-            rank=d.dp_rank,  # the ranks of an SP group read the same rows
-            world_size=d.dp_size,
-            num_slots=cfg.data.num_slots,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            error_policy=cfg.data.error_policy,
-            mixture=mixture or None,
-            index_cache_dir=cfg.data.cache_dir,
-            log=print if d.is_main else (lambda _: None),
-        ),
-    )
-    # The checkpoint holds the exact stream position (per virtual slot: shard cursors, RNG states, the record
-    # references held in the shuffle buffer and the packer), so the resumed run sees exactly the rows an
+    # The checkpoint holds the exact stream position (per virtual slot: epoch cursors, the mixture's RNG state,
+    # the record references held in the packer), so the resumed run sees exactly the rows an
     # uninterrupted one would, on this world size and worker count or another.
     data_state = rank_state.get("data")
     if start_step and data_state is None:
@@ -322,7 +376,7 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     if resized:
         metrics.print(
             f"  resumed step {start_step} of world size {manifest['world_size']} on world size {d.world_size}: model "
-            f"and optimizer from {latest / 'universal'}, data position from {cfg.data.num_slots} virtual slots"
+            f"and optimizer from {latest / 'universal'}, data position from {stream.num_slots} virtual slots"
         )
     for group, c in counts.items():
         metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
@@ -339,6 +393,7 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
     trainer.tokens_seen = rank_state.get("tokens_seen", 0)
     trainer.records = rank_state.get("records", 0)
+    trainer.epochs = dict(rank_state.get("epochs", {}))
     trainer.skipped.update(rank_state.get("skipped", {}))
     for url, reasons in rank_state.get("skipped_shards", {}).items():
         trainer.skipped_shards.setdefault(url, Counter()).update(reasons)

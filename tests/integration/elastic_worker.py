@@ -3,7 +3,8 @@ commit checkpoints at given steps, and dump what every step saw.
 
 usage: torchrun --nproc_per_node N elastic_worker.py OUT_DIR STEPS SAVE_AT override [override ...]
 Each rank writes OUT_DIR/rank_R.pt = {"start": first step, "steps": [{"step", "loss", "rows": {global row:
-sample keys}}], "params": {name: tensor}} (rows of this rank only; the test merges the ranks).
+sample keys}, "epochs": {global row: each sample's epoch}}], "params": {name: tensor}} (rows of this rank only;
+the test merges the ranks).
 """
 
 import sys
@@ -32,7 +33,12 @@ def run_steps(overrides: list[str], steps: int, save_at: list[int]) -> dict:
         s.trainer.step += 1
         rows = s.trainer._step_composition["rows"]
         out["steps"].append(
-            {"step": s.trainer.step, "loss": loss, "rows": {r["global_row"]: r["sample_keys"] for r in rows}}
+            {
+                "step": s.trainer.step,
+                "loss": loss,
+                "rows": {r["global_row"]: r["sample_keys"] for r in rows},
+                "epochs": {r["global_row"]: r["sample_epochs"] for r in rows},
+            }
         )
         if s.trainer.step in save_at:
             s.trainer.save()

@@ -55,9 +55,10 @@ def test_console_and_the_runs_record(tmp_path, cache_dir):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     said = [
-        "building processor and model...",
-        "creating DeepSpeed engine...",
+        "building the processor...",
         "opening the data (shard indexes)...",
+        "building the model...",
+        "creating DeepSpeed engine...",
         "run dir: ",
         "waiting for the first batch...",
         "first batch after ",

@@ -1,7 +1,8 @@
 """Elastic exact resume on CPU (gloo, ZeRO-2): a run checkpointed on 2 ranks continues on 1, and one
 checkpointed on 1 continues on 2, with the same global rows at every step and the same loss as the runs that
 were never interrupted. Model and optimizer cross the world-size change through DeepSpeed's universal
-checkpoint; the data position through the virtual slots (data.num_slots)."""
+checkpoint; the data position through the virtual slots (data.num_slots). On uneven shards read by 2 ranks x 2
+workers x 4 slots, every epoch of the resumed runs holds each record once, the first one every record."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 
 from tests.conftest import ROOT, clean_env, tiny_overrides
 
@@ -33,6 +35,34 @@ def _overrides(cache_dir: Path, runs: Path, name: str, *extra: str) -> list[str]
     )
 
 
+def _uneven_shards(synthetic_shards: list[str], folder: Path, sizes=(5, 13, 18)) -> list[str]:
+    """36 records in shards of 5, 13 and 18: 9 per slot and epoch, about one row's worth."""
+    records = [r for url in synthetic_shards for r in wds.tarfile_to_samples()([{"url": url}])]
+    shards, start = [], 0
+    for i, n in enumerate(sizes):
+        path = folder / f"uneven-{i}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for r in records[start : start + n]:
+                w.write({k: v for k, v in r.items() if k != "__url__"})
+        shards.append(str(path))
+        start += n
+    return shards
+
+
+def _assert_exact_epochs(steps: list[dict], keys: set[str]) -> None:
+    """Each epoch's samples over all global rows: no record twice (nor twice in a row), the first epoch all."""
+    epochs: dict[int, list[str]] = {}
+    for step in steps:
+        for g, row_keys in step["rows"].items():
+            assert len(set(row_keys)) == len(row_keys), f"global row {g} repeats a record"
+            for key, epoch in zip(row_keys, step["epochs"][g], strict=True):
+                epochs.setdefault(epoch, []).append(key)
+    assert sorted(epochs[0]) == sorted(keys), "the first epoch is not every record once"
+    assert len(epochs) >= 2, "the steps should reach the second epoch"
+    for e, seen in epochs.items():
+        assert len(seen) == len(set(seen)) and set(seen) <= keys, f"epoch {e}"
+
+
 def _torchrun(out: Path, steps: int, save_at: str, overrides: list[str]) -> list[dict]:
     out.mkdir(parents=True)
     cmd = [
@@ -51,13 +81,14 @@ def _in_process(steps: int, save_at: list[int], overrides: list[str]) -> list[di
 
 
 def _merged(ranks: list[dict]) -> list[dict]:
-    """Per step: the loss (equal on every rank) and the global rows of all ranks."""
+    """Per step: the loss (equal on every rank), the global rows of all ranks and their samples' epochs."""
     steps = []
     for i, first in enumerate(ranks[0]["steps"]):
         rows = {g: keys for r in ranks for g, keys in r["steps"][i]["rows"].items()}
+        epochs = {g: e for r in ranks for g, e in r["steps"][i]["epochs"].items()}
         losses = [r["steps"][i]["loss"] for r in ranks]
         assert max(losses) == min(losses), "ranks disagree on the global loss"
-        steps.append({"step": first["step"], "loss": first["loss"], "rows": rows})
+        steps.append({"step": first["step"], "loss": first["loss"], "rows": rows, "epochs": epochs})
     return steps
 
 
@@ -69,11 +100,16 @@ def _continue_from(src_run: Path, dst_run: Path, step: int) -> None:
     (ckpts / "latest").write_text(f"step_{step}")
 
 
-def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir):
+def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir, synthetic_shards):
     runs = tmp_path / "runs"
+    shards = _uneven_shards(synthetic_shards, tmp_path)
+    keys = {r["__key__"] for url in shards for r in wds.tarfile_to_samples()([{"url": url}])}
+    # 2 workers per rank (4 consumers on 2 ranks), one open row per slot: a record is trained on in the row it
+    # was drawn for, so 2 rows per slot cover the first epoch.
+    data = (f"data.shards=[{','.join(shards)}]", "data.num_workers=2", "data.num_open_rows=1")
     # Uninterrupted references on both world sizes, each committing a checkpoint at step CUT.
-    two = _merged(_torchrun(tmp_path / "two", STEPS, str(CUT), _overrides(cache_dir, runs, "two")))
-    one_raw = _in_process(STEPS, [CUT], _overrides(cache_dir, runs, "one"))
+    two = _merged(_torchrun(tmp_path / "two", STEPS, str(CUT), _overrides(cache_dir, runs, "two", *data)))
+    one_raw = _in_process(STEPS, [CUT], _overrides(cache_dir, runs, "one", *data))
     one = _merged(one_raw)
     assert [s["step"] for s in two] == [s["step"] for s in one] == [1, 2, 3, 4]
     # The global rows of a step do not depend on the world size (2 rows per step: global rows 2s-2, 2s-1).
@@ -87,7 +123,9 @@ def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir):
 
     # 2 ranks -> 1: continue the 2-rank run's step-2 checkpoint on one rank.
     _continue_from(runs / "two", runs / "two_to_one", CUT)
-    resumed = _in_process(STEPS - CUT, [], _overrides(cache_dir, runs, "two_to_one", "trainer.resume=must"))
+    resumed = _in_process(
+        STEPS - CUT, [], _overrides(cache_dir, runs, "two_to_one", "trainer.resume=must", *data)
+    )
     assert resumed[0]["start"] == CUT
     assert (runs / "two_to_one" / "checkpoints" / f"step_{CUT}" / "universal").is_dir()
     # Step 3's loss is computed before the first update after the resume (model state), step 4's after it
@@ -95,6 +133,7 @@ def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir):
     for got, want in zip(_merged(resumed), two[CUT:], strict=True):
         assert got["step"] == want["step"] and got["rows"] == want["rows"], f"step {want['step']}"
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {want['step']}"
+    _assert_exact_epochs(two[:CUT] + _merged(resumed), keys)  # across the 2 -> 1 resume
 
     # 1 rank -> 2: continue the 1-rank run's step-2 checkpoint on two ranks.
     _continue_from(runs / "one", runs / "one_to_two", CUT)
@@ -102,13 +141,14 @@ def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir):
         tmp_path / "one_to_two",
         STEPS - CUT,
         "",
-        _overrides(cache_dir, runs, "one_to_two", "trainer.resume=must"),
+        _overrides(cache_dir, runs, "one_to_two", "trainer.resume=must", *data),
     )
     assert [r["start"] for r in ranks] == [CUT, CUT]
     assert (runs / "one_to_two" / "checkpoints" / f"step_{CUT}" / "universal").is_dir()
     for got, want in zip(_merged(ranks), one[CUT:], strict=True):
         assert got["step"] == want["step"] and got["rows"] == want["rows"], f"step {want['step']}"
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {want['step']}"
+    _assert_exact_epochs(one[:CUT] + _merged(ranks), keys)  # across the 1 -> 2 resume
     # And the weights agree with the uninterrupted run at the end (same updates, summation order aside).
     final_one = one_raw[0]["params"]
     for name, p in ranks[0]["params"].items():

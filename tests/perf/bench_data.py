@@ -1,13 +1,12 @@
 """Data-path benchmark (not a test) at real resolution with the paper's loader settings: peak RSS per DataLoader
-worker, samples/s and tokens/s per worker, whether RSS grows with the shuffle buffer, and packing efficiency
-planned from the shard indexes.
+worker, samples/s and tokens/s per worker, and packing efficiency planned from the shard indexes.
 
     PYTHONPATH=. .venv/bin/python tests/perf/bench_data.py [--num-samples 1000] [--rows 12] [--workers 4]
 
 Data: tests/perf/llava_like.py (JPEG images of 256..1600 px per side, some two/three-image samples, 5% mp4 video
 files, 10% text only), converted with `python -m data.convert` (shard indexes with token counts). Loader: the
-`data=shards` settings (max_pixels 1003520, Qwen2.5-VL video sampling, 32768-token rows, 64 slots, 4 workers),
-run once with shuffle_buffer 64 and once with 1024 on the same data. Peak RSS is the kernel's high-water mark
+`data=shards` settings (max_pixels 1003520, Qwen2.5-VL video sampling, 32768-token rows, 64 slots, 4 workers;
+`--slots auto` for the derived count). Peak RSS is the kernel's high-water mark
 (VmHWM) of each worker process, shared pages (torch, the parent's heap) included. Throughput is per worker:
 a worker's samples over the wall time, and over its own CPU time (the machine's cores may be shared).
 """
@@ -46,10 +45,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def run(shards, proc, *, shuffle_buffer: int, workers: int, rows: int, slots: int, max_tokens: int) -> dict:
-    stream = PackedRowStream(
-        shards, proc, max_tokens=max_tokens, num_slots=slots, shuffle_buffer=shuffle_buffer, seed=0
-    )
+def run(shards, proc, *, workers: int, rows: int, slots: int | str, max_tokens: int) -> dict:
+    stream = PackedRowStream(shards, proc, max_tokens=max_tokens, seed=0)
+    stream.fit_slots(slots, workers)
     loader = ResumableLoader(stream, workers)
     tic = time.perf_counter()
     got = [next(loader) for _ in range(rows)]
@@ -79,9 +77,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--rows", type=int, default=12, help="rows per run (over all workers)")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--slots", default="64", help="data.num_slots: an int or auto")
     ap.add_argument("--max-tokens", type=int, default=32768)
-    ap.add_argument("--buffers", type=int, nargs="+", default=[64, 1024])
     ap.add_argument("--data", type=Path, default=None, help="reuse a llava_like folder (else a temp dir)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,38 +113,24 @@ def main() -> None:
             f"packing planned from the index (20k resampled lengths, 8 open rows): "
             f"{sum(resampled) / (num_rows * args.max_tokens):.2%} of {num_rows} rows x {args.max_tokens}"
         )
-        results = {}
-        for buffer in args.buffers:
-            r = run(
-                shards,
-                proc,
-                shuffle_buffer=buffer,
-                workers=args.workers,
-                rows=args.rows,
-                slots=args.slots,
-                max_tokens=args.max_tokens,
-            )
-            results[buffer] = r
+        slots = args.slots if args.slots == "auto" else int(args.slots)
+        r = run(shards, proc, workers=args.workers, rows=args.rows, slots=slots, max_tokens=args.max_tokens)
+        print(
+            f"slots {args.slots}: {args.rows} rows of {args.max_tokens} tokens ({r['images']} images, "
+            f"{r['videos']} videos; largest row {r['max_row_pixel_mb']:.0f} MB of uint8 pixels) in {r['wall']:.0f} s"
+        )
+        for k in range(args.workers):
             print(
-                f"shuffle_buffer {buffer}: {args.rows} rows of {args.max_tokens} tokens ({r['images']} images, "
-                f"{r['videos']} videos; largest row {r['max_row_pixel_mb']:.0f} MB of uint8 pixels) in {r['wall']:.0f} s"
+                f"  worker {k}: peak RSS {r['peak'][k] / GIB:.2f} GiB; {r['samples'][k]} samples, "
+                f"{r['tokens'][k]:,} tokens: {r['samples'][k] / r['wall']:.2f} samples/s, "
+                f"{r['tokens'][k] / r['wall']:,.0f} tokens/s (wall); {r['samples'][k] / r['cpu'][k]:.2f} samples/s, "
+                f"{r['tokens'][k] / r['cpu'][k]:,.0f} tokens/s per CPU second"
             )
-            for k in range(args.workers):
-                print(
-                    f"  worker {k}: peak RSS {r['peak'][k] / GIB:.2f} GiB; {r['samples'][k]} samples, "
-                    f"{r['tokens'][k]:,} tokens: {r['samples'][k] / r['wall']:.2f} samples/s, "
-                    f"{r['tokens'][k] / r['wall']:,.0f} tokens/s (wall); {r['samples'][k] / r['cpu'][k]:.2f} samples/s, "
-                    f"{r['tokens'][k] / r['cpu'][k]:,.0f} tokens/s per CPU second"
-                )
-        if len(results) > 1:
-            print(f"main process peak RSS: {_status(__import__('os').getpid(), 'VmHWM') / GIB:.2f} GiB")
-            lo, hi = min(results), max(results)
-            ratio = max(results[hi]["peak"]) / max(results[lo]["peak"])
-            print(
-                f"peak RSS per worker: max {max(results[hi]['peak']) / GIB:.2f} GiB at shuffle_buffer {hi}, "
-                f"{max(results[lo]['peak']) / GIB:.2f} GiB at {lo}: ratio {ratio:.3f} (goal <= 1.2); "
-                f"goal <= 2 GiB: {'met' if max(max(r['peak']) for r in results.values()) <= 2 * GIB else 'MISSED'}"
-            )
+        print(f"main process peak RSS: {_status(__import__('os').getpid(), 'VmHWM') / GIB:.2f} GiB")
+        print(
+            f"peak RSS per worker: max {max(r['peak']) / GIB:.2f} GiB; goal <= 2 GiB: "
+            f"{'met' if max(r['peak']) <= 2 * GIB else 'MISSED'}"
+        )
 
 
 if __name__ == "__main__":

@@ -365,4 +365,4 @@ def test_help_lists_every_key_with_its_description_and_a_sweep_example():
     assert len(keys) > 80 and all(f"    {k} (" in out for k in keys)
     assert "trainer.max_steps (int)  optimizer steps of the whole run" in out
     assert "trainer.resume (str)  auto | must | never" in out
-    assert "data.num_slots (int)\n        Virtual slots (data/loader.py)" in out  # a comment above its field
+    assert "data.num_slots (Any)\n        Virtual slots (data/loader.py)" in out  # a comment above its field

@@ -123,7 +123,7 @@ def test_an_index_that_lies_about_its_shard_is_refused_at_the_first_read(shard, 
     with pytest.raises(shard_index.IndexMismatch, match="rebuild"):
         shard_index.read_member(liar, 0, "json")
     proc = SampleProcessor(tiny_processor, build("mrope"), max_tokens=512, layout="qwen2_5")
-    stream = PackedRowStream([shard], proc, max_tokens=512, epochs=1, shuffle_buffer=1)
+    stream = PackedRowStream([shard], proc, max_tokens=512, epochs=1)
     with pytest.raises(shard_index.IndexMismatch):
         list(stream)
 

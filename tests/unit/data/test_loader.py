@@ -25,7 +25,7 @@ def proc(tiny_processor):
 
 
 def _stream(proc, shards, **kw) -> PackedRowStream:
-    kw = {"max_tokens": 512, "shuffle_buffer": 16, "num_open_rows": 4, "seed": 3, **kw}
+    kw = {"max_tokens": 512, "num_open_rows": 4, "seed": 3, **kw}
     return PackedRowStream(shards, proc, **kw)
 
 
@@ -225,14 +225,14 @@ def test_resume_cost_does_not_grow_with_the_shard(proc, tmp_path):
     cost = {}
     for num_records in (60, 600):
         shard = _shard(tmp_path / f"s{num_records}.tar", num_records, 56)
-        first = ResumableLoader(_stream(proc, [shard], num_slots=1, shuffle_buffer=8), 0)
+        first = ResumableLoader(_stream(proc, [shard], num_slots=1), 0)
         while True:  # go deep: past 80% of the shard
             row = next(first)
             if first.states[0]["cursors"][0][1] > 0.8 * num_records:
                 break
         state = pickle.loads(pickle.dumps(first.state_dict()))
         shard_index.IO.clear()
-        resumed = ResumableLoader(_stream(proc, [shard], num_slots=1, shuffle_buffer=8), 0, state=state)
+        resumed = ResumableLoader(_stream(proc, [shard], num_slots=1), 0, state=state)
         restored = shard_index.IO["bytes_read"] + shard_index.IO["members_read"]
         row = next(resumed)
         cost[num_records] = (restored, shard_index.IO["records_read"], row["num_samples"])
@@ -332,3 +332,97 @@ def test_a_handed_out_row_is_not_kept_alive_by_the_stream(proc, synthetic_shards
         del row
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def _uneven_shards(synthetic_shards: list[str], tmp_path, sizes=(7, 19, 30)) -> list[str]:
+    """Shards of uneven sizes cut from the synthetic set."""
+    records = [r for url in synthetic_shards for r in wds.tarfile_to_samples()([{"url": url}])]
+    shards, start = [], 0
+    for i, n in enumerate(sizes):
+        path = tmp_path / f"uneven{i}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for r in records[start : start + n]:
+                w.write({k: v for k, v in r.items() if k != "__url__"})
+        shards.append(str(path))
+        start += n
+    return shards
+
+
+def _by_epoch(rows: list[dict]) -> dict[int, Counter]:
+    out: dict[int, Counter] = {}
+    for row in rows:
+        assert len(set(row["sample_keys"])) == row["num_samples"], (
+            f"a row repeats a record: {row['sample_keys']}"
+        )
+        for key, epoch in zip(row["sample_keys"], row["sample_epochs"], strict=True):
+            out.setdefault(epoch, Counter())[key] += 1
+    return out
+
+
+def test_every_epoch_is_every_record_once_over_ranks_workers_slots_a_resume_and_an_elastic_resume(
+    proc, synthetic_shards, tmp_path
+):
+    """72 records in shards of 11, 24 and 37; 4 slots of 18 records per epoch, 2 open rows each. 2 ranks x 2
+    workers read 3 steps of 4 rows, resume exactly (each rank its own state) for 3 more, then continue on 1 rank
+    x 4 workers (the merged state) for 3 more: the rows are those of an uninterrupted single reader, and every
+    epoch holds each record at most once, the completed ones every record exactly once."""
+    shards = _uneven_shards(synthetic_shards, tmp_path, sizes=(11, 24, 37))
+    keys = _keys(shards)
+
+    def read(world: int, workers: int, steps: int, states: list | None) -> tuple[dict, list]:
+        rows, out = {}, []
+        for rank in range(world):
+            stream = _stream(proc, shards, rank=rank, world_size=world, num_slots=4, num_open_rows=2)
+            loader = ResumableLoader(stream, workers, state=states[rank] if states else None)
+            for _ in range(steps * 4 // world):
+                row = next(loader)
+                rows[row["global_row"]] = row
+            out.append(pickle.loads(pickle.dumps(loader.state_dict())))
+        return rows, out
+
+    head, states = read(2, 2, 3, None)
+    middle, states = read(2, 2, 3, states)  # exact resume: each rank its own state
+    tail, _ = read(1, 4, 3, [merge_states(states)])  # elastic: 2 ranks -> 1, 2 -> 4 workers
+    got = {**head, **middle, **tail}
+    assert sorted(got) == list(range(36))
+    reference = ResumableLoader(_stream(proc, shards, num_slots=4, num_open_rows=2), 0)
+    for g in range(36):
+        assert got[g]["sample_keys"] == next(reference)["sample_keys"], f"global row {g}"
+
+    epochs = _by_epoch([got[g] for g in range(36)])
+    assert len(epochs) >= 3, f"the rows should cover two epochs and start a third: {sorted(epochs)}"
+    for e, seen in epochs.items():
+        assert max(seen.values()) == 1, f"epoch {e} repeats {[k for k, n in seen.items() if n > 1]}"
+        assert set(seen) <= set(keys)
+    assert epochs[0] == keys and epochs[1] == keys  # every record exactly once per completed epoch
+    assert [k for e in sorted(epochs) for k in epochs[e]] != list(keys) * len(epochs)  # reshuffled
+
+
+def test_rows_never_repeat_a_record_with_fewer_records_per_slot_than_a_row(proc, synthetic_shards, tmp_path):
+    """42 records on 4 slots (the README journey's shape): ~10 records per slot and epoch, rows of more than
+    that. Rows span epochs, never holding a record twice, and epochs stay exact (each slot's share dealt from
+    one permutation per epoch)."""
+    shards = _uneven_shards(synthetic_shards, tmp_path, sizes=(42,))
+    loader = ResumableLoader(_stream(proc, shards, num_slots=4, max_tokens=1024), 0)
+    rows = [next(loader) for _ in range(16)]
+    assert max(r["num_samples"] for r in rows) > 42 // 4, "rows must be larger than a slot's share"
+    epochs = _by_epoch(rows)  # asserts: no row repeats a record
+    assert epochs[0] == _keys(shards)
+    assert all(max(seen.values()) == 1 for seen in epochs.values())
+
+
+def test_num_slots_fits_the_data_or_is_refused_naming_the_key(proc, synthetic_shards, tmp_path):
+    shards = _uneven_shards(synthetic_shards, tmp_path)  # 56 records
+    stream = _stream(proc, shards, world_size=2)
+    with pytest.raises(ValueError, match=r"data\.num_slots.*64 slots.*56 readable records"):
+        stream.fit_slots(64, num_workers=2)
+    with pytest.raises(ValueError, match=r"data\.num_slots"):
+        stream.fit_slots(6, num_workers=4)  # does not divide over 2 x 4 consumers
+    # auto: consumers x 2^k, every slot a row's worth of records per epoch
+    per_row = stream.estimate_rows()
+    slots = stream.fit_slots("auto", num_workers=2)
+    assert slots % 4 == 0 and (slots == 4 or 56 / slots >= per_row), (slots, per_row)
+    # fewer records than consumers: auto cannot give every consumer a slot
+    tiny = _stream(proc, _uneven_shards(synthetic_shards, tmp_path / "..", sizes=(3,)), world_size=2)
+    with pytest.raises(ValueError, match=r"data\.num_slots.*data\.num_workers"):
+        tiny.fit_slots("auto", num_workers=2)

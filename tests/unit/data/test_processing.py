@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.loader import PackedRowStream
-from data.packing import BestFitPacker, collate_row
+from data.packing import FirstFitPacker, collate_row
 from data.processing import IGNORE_INDEX, SampleError, SampleProcessor, token_ids_for
 from data.synthetic import draw_shape
 from mmrope.encodings import build
@@ -161,7 +161,7 @@ def test_errors_name_the_records_own_id(proc, tmp_path):
 
 
 def test_packed_row_positions_equal_each_sample_alone(proc, synthetic_shards):
-    stream = PackedRowStream(synthetic_shards, proc, max_tokens=512, epochs=1, shuffle_buffer=8)
+    stream = PackedRowStream(synthetic_shards, proc, max_tokens=512, epochs=1)
     row = next(iter(stream))
     cu = row["cu_seqlens"].tolist()
     assert row["num_samples"] >= 2 and cu[-1] == row["input_ids"].shape[-1] <= 512
@@ -181,11 +181,11 @@ def test_packed_row_positions_equal_each_sample_alone(proc, synthetic_shards):
     assert torch.equal(row["image_grid_thw"], torch.cat(grids))
 
 
-def test_best_fit_packing_respects_budget_and_keeps_every_sample(proc, synthetic_shards):
+def test_first_fit_packing_respects_budget_and_keeps_every_sample(proc, synthetic_shards):
     import webdataset as wds
 
     samples = [proc(r) for r in wds.tarfile_to_samples()([{"url": synthetic_shards[0]}])][:60]
-    packer = BestFitPacker(max_tokens=300, num_open=4)
+    packer = FirstFitPacker(max_tokens=300, num_open=4)
     rows = [r for s in samples for r in packer.add(s)] + packer.flush()
     assert sorted(s.key for r in rows for s in r) == sorted(s.key for s in samples)
     assert all(sum(s.num_tokens for s in r) <= 300 for r in rows)

@@ -148,7 +148,7 @@ def test_video_files_through_the_index_and_the_loader(tiny_processor, tmp_path):
         video=VideoSampling(),
         pixels="uint8",
     )
-    stream = PackedRowStream([str(shard)], proc, max_tokens=1024, epochs=1, shuffle_buffer=1)
+    stream = PackedRowStream([str(shard)], proc, max_tokens=1024, epochs=1)
     rows = list(ResumableLoader(stream, 0))
     assert sum(r["num_samples"] for r in rows) == 3 and not any(r["skipped"] for r in rows)
     frames = sorted(v["frames"] for r in rows for v in r["videos"])
