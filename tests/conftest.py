@@ -41,6 +41,22 @@ def synthetic_shards(cache_dir) -> list[str]:
     return sorted(str(p) for p in (cache_dir / "synthetic").glob("shard-*.tar"))
 
 
+def uneven_shards(synthetic_shards: list[str], folder: Path, sizes: tuple[int, ...]) -> list[str]:
+    """Shards of the given record counts cut, in order, from the synthetic set (uneven shards, as users have)."""
+    import webdataset as wds
+
+    records = [r for url in synthetic_shards for r in wds.tarfile_to_samples()([{"url": url}])]
+    shards, start = [], 0
+    for i, n in enumerate(sizes):
+        path = folder / f"uneven-{i}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for r in records[start : start + n]:
+                w.write({k: v for k, v in r.items() if k != "__url__"})
+        shards.append(str(path))
+        start += n
+    return shards
+
+
 def tiny_overrides(cache_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """Hydra overrides for a fast tiny run on the session cache."""
     return [

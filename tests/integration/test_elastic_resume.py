@@ -15,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from tests.conftest import ROOT, clean_env, tiny_overrides
+from tests.conftest import ROOT, clean_env, tiny_overrides, uneven_shards
 
 pytestmark = pytest.mark.slow
 STEPS, CUT = 4, 2
@@ -37,16 +37,7 @@ def _overrides(cache_dir: Path, runs: Path, name: str, *extra: str) -> list[str]
 
 def _uneven_shards(synthetic_shards: list[str], folder: Path, sizes=(5, 13, 18)) -> list[str]:
     """36 records in shards of 5, 13 and 18: 9 per slot and epoch, about one row's worth."""
-    records = [r for url in synthetic_shards for r in wds.tarfile_to_samples()([{"url": url}])]
-    shards, start = [], 0
-    for i, n in enumerate(sizes):
-        path = folder / f"uneven-{i}.tar"
-        with wds.TarWriter(str(path)) as w:
-            for r in records[start : start + n]:
-                w.write({k: v for k, v in r.items() if k != "__url__"})
-        shards.append(str(path))
-        start += n
-    return shards
+    return uneven_shards(synthetic_shards, folder, sizes)
 
 
 def _assert_exact_epochs(steps: list[dict], keys: set[str]) -> None:

@@ -8,24 +8,15 @@ import json
 import logging
 
 import pytest
-import webdataset as wds
 
+from tests.conftest import uneven_shards
 from tests.integration.test_checkpoint import session
 
 pytestmark = pytest.mark.slow
 
 
 def _uneven_shards(synthetic_shards: list[str], folder, sizes=(3, 7, 10)) -> list[str]:
-    records = [r for url in synthetic_shards for r in wds.tarfile_to_samples()([{"url": url}])]
-    shards, start = [], 0
-    for i, n in enumerate(sizes):
-        path = folder / f"mine-{i}.tar"
-        with wds.TarWriter(str(path)) as w:
-            for r in records[start : start + n]:
-                w.write({k: v for k, v in r.items() if k != "__url__"})
-        shards.append(str(path))
-        start += n
-    return shards
+    return uneven_shards(synthetic_shards, folder, sizes)
 
 
 def test_the_start_says_what_it_trains_on_and_metrics_carry_the_epoch(

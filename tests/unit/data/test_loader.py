@@ -17,6 +17,7 @@ from data import index as shard_index
 from data.loader import PackedRowStream, ResumableLoader, merge_states
 from data.processing import SampleProcessor
 from mmrope.encodings import build
+from tests.conftest import uneven_shards
 
 
 @pytest.fixture()
@@ -334,18 +335,9 @@ def test_a_handed_out_row_is_not_kept_alive_by_the_stream(proc, synthetic_shards
     assert all(r() is None for r in refs)
 
 
-def _uneven_shards(synthetic_shards: list[str], tmp_path, sizes=(7, 19, 30)) -> list[str]:
+def _uneven_shards(synthetic_shards: list[str], folder, sizes=(7, 19, 30)) -> list[str]:
     """Shards of uneven sizes cut from the synthetic set."""
-    records = [r for url in synthetic_shards for r in wds.tarfile_to_samples()([{"url": url}])]
-    shards, start = [], 0
-    for i, n in enumerate(sizes):
-        path = tmp_path / f"uneven{i}.tar"
-        with wds.TarWriter(str(path)) as w:
-            for r in records[start : start + n]:
-                w.write({k: v for k, v in r.items() if k != "__url__"})
-        shards.append(str(path))
-        start += n
-    return shards
+    return uneven_shards(synthetic_shards, folder, sizes)
 
 
 def _by_epoch(rows: list[dict]) -> dict[int, Counter]:
