@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from data.processing import IGNORE_INDEX, Sample, SampleError, SampleProcessor
 from data.processor import VLProcessor
 from mmrope.encodings import Encoding, TokenIds
+from mmrope.eval.chat import decode_new
 from mmrope.eval.distractors import distractor_ids, insert_distractor, insertion_index, load_corpus
 from mmrope.eval.scoring import option_letters, score
 from mmrope.model.families import tokens_per_second
@@ -246,14 +247,7 @@ def load_checkpoint(
 
 
 def _decode_answer(processor: VLProcessor, new_ids: Tensor) -> str:
-    ids = processor.special_ids
-    stops = {ids["eos_token_id"], ids["pad_token_id"]}
-    kept = []
-    for token in new_ids.tolist():
-        if token in stops:
-            break
-        kept.append(token)
-    return processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return decode_new(processor.tokenizer, new_ids, processor.special_ids).strip()
 
 
 def generate_answers(ckpt: Checkpoint, samples: list[Sample], max_new_tokens: int) -> list[str]:
