@@ -161,7 +161,10 @@ def test_fewer_records_than_slots_refused_at_start_then_trains_with_auto(
         run.build_session(compose_cfg([*shlex.split(printed)[2:], *plumbing(cache_dir, tmp_path / "runs")]))
     assert not built, "the model was built before the refusal"
 
+    capsys.readouterr()
     rows = train_rows([*readme, "data.num_slots=auto"])
+    # the start's estimate: a row holds each of the 3 records at most once (not the ~21 its tokens would hold)
+    assert "this run: 4 rows ~ 12 samples ~ 4.00 epochs" in capsys.readouterr().out
     assert built
     keys = converted_keys(mine / "shards")
     per_epoch = assert_epochs_exact(rows, keys)
