@@ -746,7 +746,9 @@ def plan_report(stream: PackedRowStream, *, rows: int, slots_setting: int | str 
             else ""
         )
     )
-    samples = rows * per_row
+    # A row never holds a record twice, so on a small data set (all of it fits in a row) a row holds at most
+    # N_i / p_i records (source i's N_i records, a share p_i of the row), not the token count's many more.
+    samples = rows * min(per_row, *(n / p for n, p in zip(stream.num_records, stream.shares()) if p))
     epochs = [samples * p / n for p, n in zip(stream.shares(), stream.num_records)]
     lines.append(
         f"data: this run: {rows:,} rows ~ {samples:,.0f} samples ~ "
