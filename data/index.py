@@ -12,12 +12,13 @@ lines: a header line, then one line per record:
      "num_records": N, "sha256": <hash of every byte after this line>}
     {"key": "000000042", "offset": 51200, "length": 204800, "members": {"json": [51712, 321], "img0.jpg": [...]},
      "images": {"img0.jpg": [1024, 768]}, "videos": {"vid0.mp4": {"frames": 300, "fps": 30.0, "width": 640,
-     "height": 360}}, "num_tokens": {"<processor fingerprint>": 1834}}
+     "height": 360}}, "num_tokens": {"<processor fingerprint>": 1834}, "num_visual": {"<...>": 1296}}
 
 `offset`/`length` span the record's tar members (headers included), `members` give each member's data offset
 and size; images are `[width, height]` read from their headers, videos their stream metadata (null: unreadable).
 `num_tokens` holds exact token counts per processor fingerprint (`SampleProcessor.fingerprint`), or the reason
-the record cannot be planned, when a processor was given to the builder.
+the record cannot be planned, when a processor was given to the builder; `num_visual` (same keys) the image +
+video tokens among them, which the packer's ViT balance uses (an index without them is read as the JSON fallback).
 
 Trust: an index is used only if its checksum matches its body and its `shard` identity (size, hash of the first
 and last 64 KiB) matches the shard on disk; otherwise it is rebuilt (with a message) or, with `--check`,
@@ -183,7 +184,10 @@ def build(path: str, planner=None) -> ShardIndex:
             records.pop()  # the record the damage ran into may be incomplete
         if planner is not None:
             for rec in records:
-                rec["num_tokens"] = {planner.fingerprint: _plan_tokens(f, rec, planner)}
+                planned = _plan_tokens(f, rec, planner)
+                rec["num_tokens"] = {planner.fingerprint: planned if isinstance(planned, str) else planned[0]}
+                if not isinstance(planned, str):  # the visual tokens, for the packer's ViT balance
+                    rec["num_visual"] = {planner.fingerprint: planned[1]}
     for rec in records:
         for k in ("images", "videos"):
             if not rec[k]:
@@ -191,7 +195,7 @@ def build(path: str, planner=None) -> ShardIndex:
     return ShardIndex(path=path, records=records, shard=shard_identity(path), error=error)
 
 
-def _plan_tokens(f, rec: dict, planner) -> int | str:
+def _plan_tokens(f, rec: dict, planner) -> tuple[int, int] | str:
     from data.processing import SampleError
 
     if "json" not in rec["members"]:
@@ -200,7 +204,7 @@ def _plan_tokens(f, rec: dict, planner) -> int | str:
     f.seek(offset)
     try:
         index = ShardIndex(path="", records=[rec])
-        return planner.num_tokens(f.read(size), index.media_sizes(0), check_length=False)
+        return planner.plan_counts(f.read(size), index.media_sizes(0), check_length=False)
     except SampleError as e:
         return e.reason
 

@@ -81,6 +81,7 @@ class Ref:
     num_tokens: int = 0
     epoch: int = 0
     source: int = 0
+    num_visual: int = 0  # image + video tokens among num_tokens (the packer's ViT balance)
 
     @property
     def key(self) -> str:  # for the packer's messages
@@ -118,6 +119,7 @@ class PackedRowStream(IterableDataset):
         num_slots: int | str | None = None,
         error_policy: str = "skip",
         num_open_rows: int = 8,
+        vit_balance: float | None = None,
         epochs: int | None = None,
         mixture: list[tuple[list[str], float]] | None = None,
         for_eval: bool = False,
@@ -125,7 +127,7 @@ class PackedRowStream(IterableDataset):
         log=print,
     ):
         if for_eval:  # evaluation data: one pass, and a bad record is an error, never a silent skip
-            error_policy, epochs = "raise", 1
+            error_policy, epochs, vit_balance = "raise", 1, None  # no ranks to balance in a one-pass eval
         if error_policy not in ("raise", "skip"):
             raise ValueError(f"config key `data.error_policy`: must be raise|skip, got {error_policy!r}")
         if mixture:
@@ -148,6 +150,9 @@ class PackedRowStream(IterableDataset):
         self.error_policy = error_policy
         self.num_open_rows = num_open_rows
         self.open_rows = num_open_rows  # per slot's packer: set with the slot count (`open_rows_for`)
+        if vit_balance is not None and vit_balance <= 0:
+            raise ValueError(f"config key `data.vit_balance`: must be > 0 or null, got {vit_balance}")
+        self.vit_balance = vit_balance  # the packer's visual / text caps per row (data/packing.py); None: off
         self.epochs = epochs  # None = forever
         self.index_cache_dir = index_cache_dir
         self.fingerprint = processor.fingerprint
@@ -188,6 +193,7 @@ class PackedRowStream(IterableDataset):
         self.ends = [list(_cumsum(self.lengths[u] for u in src)) for src in self.sources]
         self.num_records = [e[-1] if e else 0 for e in self.ends]
         self.mean_tokens: list[float] | None = None  # per source, from `estimate_rows` (a planned sample)
+        self.mean_visual: list[float] | None = None  # per source: visual tokens per record, likewise
         self._indexes = OrderedDict(list(self._indexes.items())[-8:])  # workers inherit a small cache
 
     def index(self, url: str, log=None) -> shard_index.ShardIndex:
@@ -206,19 +212,26 @@ class PackedRowStream(IterableDataset):
     def plan_tokens(self, url: str, record: int) -> int:
         """A record's token count from the index (or its JSON member and the index's media sizes); raises
         SampleError for a record that cannot be trained on (too long, unplannable)."""
+        return self.plan_counts(url, record)[0]
+
+    def plan_counts(self, url: str, record: int) -> tuple[int, int]:
+        """(tokens, visual tokens) of a record, like `plan_tokens`. An index written before it held visual
+        counts is read like one without this processor's counts: from the JSON member (only with the ViT balance
+        on; else the visual count is not needed and reported as 0)."""
         idx = self.index(url)
         rec = idx.records[record]
         planned = rec.get("num_tokens", {}).get(self.fingerprint)
+        visual = rec.get("num_visual", {}).get(self.fingerprint)
         if isinstance(planned, str):
             raise SampleError(planned, "found when the shard was indexed")
-        if planned is None:
+        if planned is None or (visual is None and self.vit_balance):
             if "json" not in rec["members"]:
                 raise SampleError("missing_field", "no .json member")
             raw = shard_index.read_member(idx, record, "json")
-            planned = self.processor.num_tokens(raw, idx.media_sizes(record), check_length=False)
+            planned, visual = self.processor.plan_counts(raw, idx.media_sizes(record), check_length=False)
         if planned > self.max_tokens:
             raise SampleError("too_long", f"{planned} tokens > max_tokens={self.max_tokens}")
-        return planned
+        return planned, visual or 0
 
     def locate(self, source: int, q: int) -> tuple[str, int]:
         """(shard, record) of record q of the source's concatenated shards."""
@@ -235,19 +248,29 @@ class PackedRowStream(IterableDataset):
         """Records per row, estimated from the planned token counts of a seeded sample of up to PLAN_SAMPLE
         records per source (from the indexes: nothing decoded); sets `mean_tokens` per source."""
         if self.mean_tokens is None:
-            means = []
+            means, visual_means = [], []
             for source, n in enumerate(self.num_records):
                 picks = random.Random(_seed(self.seed, 3, source)).sample(range(n), min(n, PLAN_SAMPLE))
-                counts = []
+                counts, visual = [], []
                 for q in picks:
                     try:
-                        counts.append(self.plan_tokens(*self.locate(source, q)))
+                        n, v = self.plan_counts(*self.locate(source, q))
                     except SampleError:
                         continue  # counted when a slot meets it
+                    counts.append(n)
+                    visual.append(v)
                 means.append(sum(counts) / len(counts) if counts else float(self.max_tokens))
-            self.mean_tokens = means
+                visual_means.append(sum(visual) / len(visual) if visual else 0.0)
+            self.mean_tokens, self.mean_visual = means, visual_means
         mean = sum(p * m for p, m in zip(self.shares(), self.mean_tokens))
         return max(1.0, self.max_tokens / mean)
+
+    def visual_share(self) -> float:
+        """The data's visual fraction of a token (mixture-weighted), from the same seeded sample as
+        `estimate_rows`: a pure function of the data and data.seed, so every slot, rank and resume agrees."""
+        self.estimate_rows()
+        tokens = sum(p * m for p, m in zip(self.shares(), self.mean_tokens))
+        return sum(p * v for p, v in zip(self.shares(), self.mean_visual)) / max(1.0, tokens)
 
     def slot_limits(self) -> tuple[int, int]:
         """(the most slots that each get at least one record of every source per epoch, the most whose share of
@@ -364,7 +387,12 @@ class _Slot:
         self.s, self.slot, self.num_slots = stream, slot, num_slots
         self.cursors = [[0, 0] for _ in stream.sources]  # per source: [epoch, position in this slot's share]
         self.mix_rng = random.Random(_seed(stream.seed, 1, slot))
-        self.packer = FirstFitPacker(stream.max_tokens, stream.open_rows)
+        self.packer = FirstFitPacker(
+            stream.max_tokens,
+            stream.open_rows,
+            visual_share=stream.visual_share() if stream.vit_balance else None,
+            balance=stream.vit_balance,
+        )
         self.pending: list[list[Ref]] = []
         self.rows_out = 0
         self.counts: Counter = Counter()
@@ -427,7 +455,7 @@ class _Slot:
         """Set ref.num_tokens from the index (or the JSON member); False if the record is skipped."""
         self.counts["records"] += 1
         try:
-            ref.num_tokens = self.s.plan_tokens(ref.url, ref.record)
+            ref.num_tokens, ref.num_visual = self.s.plan_counts(ref.url, ref.record)
         except SampleError as e:
             idx = self.s.index(ref.url)
             key = idx.records[ref.record]["key"]
@@ -521,7 +549,14 @@ class _Slot:
         urls: dict[str, int] = {}
 
         def ref(r: Ref) -> list:
-            return [urls.setdefault(r.url, len(urls)), r.record, r.num_tokens, r.epoch, r.source]
+            return [
+                urls.setdefault(r.url, len(urls)),
+                r.record,
+                r.num_tokens,
+                r.epoch,
+                r.source,
+                r.num_visual,
+            ]
 
         return {
             "version": STATE_VERSION,
@@ -543,7 +578,7 @@ class _Slot:
                 )
 
         def ref(r: list) -> Ref:
-            return Ref(urls[r[0]], r[1], r[2], r[3], r[4])
+            return Ref(*([urls[r[0]]] + r[1:]))  # a state written before num_visual: 0 (balance off then)
 
         self.rows_out = state["rows"]
         self.cursors = [list(c) for c in state["cursors"]]

@@ -28,17 +28,50 @@ class FirstFitPacker:
     after it was drawn (best-fit, which fills the tightest row, left a half-empty row waiting for 100 rows, so an
     epoch's last records arrived epochs late). Fill is the same within 0.2% (tests/perf/RESULTS.md).
 
+    ViT balance (`visual_share`, `balance`): rows of equal tokens cost the LLM the same, but a row of many large
+    images costs the vision tower far more than a text-heavy one, and data-parallel ranks wait for the slowest at
+    the gradient reduction. With a balance, a row takes a sample only while its visual tokens stay within
+    (1 + balance) x visual_share x max_tokens and its text tokens within max_tokens - (1 - balance) x
+    visual_share x max_tokens, where visual_share is the data's mean visual fraction of a token: a full row's
+    visual tokens are then within +-balance of the data's mean share, whichever rows a rank gets, so the balance needs no rank-aware assignment (the
+    global row -> rank mapping stays world-size independent, and so does elastic resume). An empty row takes any
+    sample (a record above a cap on its own still trains, in a row of its own share). Samples then need
+    `num_visual` (their image + video tokens).
+
     Works on anything with `num_tokens` and `key`: the loader packs record references whose token counts were
     planned without decoding (data/loader.py), and only reads and processes a row's records once it is complete.
     Deterministic for a given input order.
     """
 
-    def __init__(self, max_tokens: int, num_open: int = 8):
+    def __init__(
+        self,
+        max_tokens: int,
+        num_open: int = 8,
+        *,
+        visual_share: float | None = None,
+        balance: float | None = None,
+    ):
         if max_tokens <= 0 or num_open <= 0:
             raise ValueError("packing: max_tokens and num_open must be > 0")
         self.max_tokens = max_tokens
         self.num_open = num_open
         self.rows: list[list[Sample]] = []  # oldest first
+        # Caps on a row's visual and text tokens (None: only max_tokens counts); see the class docstring.
+        self.caps: tuple[float, float] | None = None
+        if balance and visual_share is not None:
+            self.caps = (
+                (1 + balance) * visual_share * max_tokens,
+                (1 - visual_share + balance * visual_share) * max_tokens,
+            )
+
+    def _fits(self, row: list[Sample], sample: Sample) -> bool:
+        used = self._used(row) + sample.num_tokens
+        if used > self.max_tokens or any(s.key == sample.key for s in row):
+            return False
+        if self.caps is None:
+            return True
+        visual = sum(s.num_visual for s in row) + sample.num_visual
+        return visual <= self.caps[0] and used - visual <= self.caps[1]
 
     def _used(self, row: list[Sample]) -> int:
         return sum(s.num_tokens for s in row)
@@ -50,9 +83,7 @@ class FirstFitPacker:
                 f"sample {sample.key} has {sample.num_tokens} tokens > max_tokens {self.max_tokens}"
             )
         for row in self.rows:
-            if self._used(row) + sample.num_tokens <= self.max_tokens and all(
-                s.key != sample.key for s in row
-            ):
+            if self._fits(row, sample):
                 row.append(sample)
                 break
         else:

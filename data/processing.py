@@ -400,7 +400,13 @@ class SampleProcessor:
     def num_tokens(self, meta_json, sizes: MediaSizes, check_length: bool = True) -> int:
         """The sample's exact token count from its JSON and media sizes alone (no pixels decoded). Raises
         SampleError like processing would (`too_long` only with `check_length`)."""
-        return int(self._plan(self._messages(meta_json), sizes, check_length).input_ids.numel())
+        return self.plan_counts(meta_json, sizes, check_length)[0]
+
+    def plan_counts(self, meta_json, sizes: MediaSizes, check_length: bool = True) -> tuple[int, int]:
+        """(tokens, visual tokens: image + video placeholders) of the sample, like `num_tokens`."""
+        ids = self._plan(self._messages(meta_json), sizes, check_length).input_ids
+        visual = (ids == self.tokens.image_token_id) | (ids == self.tokens.video_token_id)
+        return int(ids.numel()), int(visual.sum())
 
     # -- the full sample ---------------------------------------------------------------------------------------
     @staticmethod

@@ -190,6 +190,7 @@ def make_stream(cfg: TrainConfig, d: Dist, sample_processor: SampleProcessor) ->
             world_size=d.dp_size,
             num_slots=cfg.data.num_slots,
             num_open_rows=cfg.data.num_open_rows,
+            vit_balance=cfg.data.vit_balance,
             error_policy=cfg.data.error_policy,
             mixture=mixture or None,
             index_cache_dir=cfg.data.cache_dir,

@@ -50,6 +50,8 @@ def main() -> None:
         help="with --plan-only: ViT balance over this many data-parallel ranks (one row each per step): "
         "max/mean ViT patches per rank per step, patches from the planned visual tokens (x merge_size^2)",
     )
+    ap.add_argument("--vit-balance", type=float, default=None, help="data.vit_balance (None: the default)")
+    ap.add_argument("--open-rows", type=int, default=None, help="data.num_open_rows (None: the default)")
     args = ap.parse_args()
     visual: dict[str, int] = {}  # record -> planned visual tokens
 
@@ -105,6 +107,10 @@ def main() -> None:
             pixels="uint8",
         )
         kw = {"max_tokens": args.max_tokens, "seed": 0, "index_cache_dir": tmp}
+        if args.vit_balance is not None:
+            kw["vit_balance"] = args.vit_balance or None
+        if args.open_rows is not None:
+            kw["num_open_rows"] = args.open_rows
         if "shuffle_buffer" in inspect.signature(PackedRowStream).parameters:  # the loader before issue 24
             kw["shuffle_buffer"] = args.shuffle_buffer
         stream = PackedRowStream(

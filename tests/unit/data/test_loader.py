@@ -351,20 +351,30 @@ def _by_epoch(rows: list[dict]) -> dict[int, Counter]:
     return out
 
 
+@pytest.mark.parametrize("vit_balance", [None, 0.1])
 def test_every_epoch_is_every_record_once_over_ranks_workers_slots_a_resume_and_an_elastic_resume(
-    proc, synthetic_shards, tmp_path
+    proc, synthetic_shards, tmp_path, vit_balance
 ):
     """72 records in shards of 11, 24 and 37; 4 slots of 18 records per epoch, 2 open rows each. 2 ranks x 2
     workers read 3 steps of 4 rows, resume exactly (each rank its own state) for 3 more, then continue on 1 rank
     x 4 workers (the merged state) for 3 more: the rows are those of an uninterrupted single reader, and every
-    epoch holds each record at most once, the completed ones every record exactly once."""
+    epoch holds each record at most once, the completed ones every record exactly once. Also with the packer's
+    ViT balance (data.vit_balance), whose visual counts travel in the slot states."""
     shards = _uneven_shards(synthetic_shards, tmp_path, sizes=(11, 24, 37))
     keys = _keys(shards)
 
     def read(world: int, workers: int, steps: int, states: list | None) -> tuple[dict, list]:
         rows, out = {}, []
         for rank in range(world):
-            stream = _stream(proc, shards, rank=rank, world_size=world, num_slots=4, num_open_rows=2)
+            stream = _stream(
+                proc,
+                shards,
+                rank=rank,
+                world_size=world,
+                num_slots=4,
+                num_open_rows=2,
+                vit_balance=vit_balance,
+            )
             loader = ResumableLoader(stream, workers, state=states[rank] if states else None)
             for _ in range(steps * 4 // world):
                 row = next(loader)
@@ -377,7 +387,9 @@ def test_every_epoch_is_every_record_once_over_ranks_workers_slots_a_resume_and_
     tail, _ = read(1, 4, 3, [merge_states(states)])  # elastic: 2 ranks -> 1, 2 -> 4 workers
     got = {**head, **middle, **tail}
     assert sorted(got) == list(range(36))
-    reference = ResumableLoader(_stream(proc, shards, num_slots=4, num_open_rows=2), 0)
+    reference = ResumableLoader(
+        _stream(proc, shards, num_slots=4, num_open_rows=2, vit_balance=vit_balance), 0
+    )
     for g in range(36):
         assert got[g]["sample_keys"] == next(reference)["sample_keys"], f"global row {g}"
 
