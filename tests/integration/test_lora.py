@@ -170,12 +170,13 @@ def test_elastic_resume_of_an_adapter_checkpoint_on_one_rank(lora_run, cache_dir
     from tests.conftest import tiny_overrides
     from tests.integration.elastic_worker import run_steps
     from tests.integration.test_elastic_resume import _continue_from
+    from tests.integration.test_zero_ranks import DATA_SEED
 
     runs = ckpts.parent.parent
     _continue_from(runs / "zero2", runs / "one_rank", CUT)
     overrides = tiny_overrides(
         cache_dir, runs, "deepspeed=zero2", "trainer.global_batch_size=2", "trainer.run_name=one_rank",
-        "trainer.resume=must", "trainer.optim.lr=1e-2", *RUNS[name][1],
+        "trainer.resume=must", "trainer.optim.lr=1e-2", DATA_SEED, *RUNS[name][1],
     )  # fmt: skip
     out = run_steps(overrides, STEPS - CUT, [])
     assert out["start"] == CUT and (runs / "one_rank" / "checkpoints" / f"step_{CUT}" / "universal").is_dir()

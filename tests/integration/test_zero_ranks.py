@@ -24,6 +24,10 @@ CUT = 2  # the shared runs also commit step CUT and continue it in a second sess
 DEEPSPEED_CONFIGS = sorted(p.stem for p in (ROOT / "configs/deepspeed").glob("*.yaml"))
 
 
+# an order whose rows differ in media between the ranks (one has a video, the other not)
+DATA_SEED = "data.seed=3"
+
+
 def run_ranks(
     tmp_path: Path,
     cache_dir: Path,
@@ -45,7 +49,7 @@ def run_ranks(
         f"trainer.run_name={name}",
         "trainer.resume=never",
         "trainer.optim.lr=1e-2",
-        "data.seed=3",  # an order whose rows differ in media between the ranks (one has a video, the other not)
+        DATA_SEED,
         *extra,
     )
     if resume_at is not None:
