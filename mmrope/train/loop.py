@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data.pixels import to_device
 from mmrope.model.objective import num_supervised
 from mmrope.train.checkpoint import CheckpointManager
 from mmrope.train.config import TrainConfig
+from mmrope.train.data_stats import DataStats
 from mmrope.train.engine import Dist, all_reduce_values
 from mmrope.train.metrics import Metrics
 from mmrope.train.preemption import Preempted, PreemptionFlag
@@ -29,23 +28,6 @@ class TrainResult:
     last_loss: float | None
     last_checkpoint: Path | None
     steps_done: int
-
-
-def _all_gather(value) -> list:
-    if not dist.is_initialized():
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)  # sync point: every rank contributes its view
-    return out
-
-
-def _shard_summary(shards: dict[str, Counter], limit: int = 5) -> str:
-    """`/data/sft/shard-000003.tar (bad_image 12, too_long 1), ...`: the shards with the most skips first, by
-    full path (shards of two sources may share a basename; the path is what to inspect or fix)."""
-    worst = sorted(shards.items(), key=lambda kv: -sum(kv[1].values()))
-    parts = [f"{url} ({', '.join(f'{k} {v}' for k, v in c.most_common())})" for url, c in worst[:limit]]
-    more = f" and {len(worst) - limit} more shard(s)" if len(worst) > limit else ""
-    return ", ".join(parts) + more
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -68,16 +50,8 @@ class Trainer:
         self.ckpt, self.metrics, self.fingerprint = ckpt, metrics, fingerprint
         self.step = start_step
         self.accum = cfg.grad_accum_steps(d.world_size)
-        self.skipped: Counter = Counter()  # this rank's skipped records by reason (since the run began)
-        self.skipped_shards: dict[str, Counter] = {}  # ... and by shard
-        self.records = 0
-        # Skipped records by identity (`url#record` -> reason; a bad shard: its url): a record met again in a
-        # later epoch is one skipped record, not one per encounter. `skipped_records` is the global set as of the
-        # last gather (the same on every rank), `_new_skipped` this rank's additions since.
-        self.skipped_records: dict[str, str] = {}
-        self._new_skipped: dict[str, str] = {}
-        self.num_readable: int | None = None  # records in the readable shards (set by the session)
-        self._skips_reported = 0  # distinct skipped records at the last console line
+        # records read, skips, epochs: from the rows (num_readable is set by the session once the data is open)
+        self.data_stats = DataStats(per_source_epochs=len(cfg.data.mixture) > 1)
         self.tokens_seen = 0
         self.nonfinite_skips = 0  # steps dropped under trainer.on_nonfinite=skip (saved with the checkpoint)
         self.preemption: PreemptionFlag | None = None  # installed by train()
@@ -85,9 +59,6 @@ class Trainer:
             None  # set by the session when FLOPs can be counted for the model
         )
         self._step_composition: dict = {}
-        # Per source: the epoch (0 = the first pass) of the oldest records of a step, the highest so far on this
-        # rank (a row may hold the end of one epoch and the start of the next: the epoch is the one being ended).
-        self.epochs: dict[int, int] = {}
         self.evaluator = None  # mmrope.train.eval.Evaluator, set by the session when trainer.eval.every > 0
         self.benchmarks = (
             None  # mmrope.train.benchmarks.Benchmarks (rank 0), when trainer.eval.benchmarks.tasks
@@ -121,14 +92,15 @@ class Trainer:
             first = loss if first is None else first
             last = loss
             lr = self.engine.get_lr()[0]
-            self.metrics.progress(self.step, loss, lr, epoch=self.epochs[0] + 1 if 0 in self.epochs else None)
+            self.metrics.progress(self.step, loss, lr, epoch=self.data_stats.epoch)
             step_time = time.perf_counter() - tic
             # Every rank evaluates (same rows, ZeRO-3 gathers in lockstep); logged in this step's record.
             evals = self.evaluator.maybe_run(self.step) if self.evaluator is not None else {}
             # Step 1 is always logged: loss curves start where training starts, not at step log_every.
             if evals or self.step % t.log_every == 0 or self.step in (1, t.max_steps):
-                stats.update(self._skip_report())  # every rank joins: the counts are gathered
-                stats.update(self._epoch_report())  # ... and the epochs
+                # every rank joins: the counts and the epochs are gathered
+                stats.update(self.data_stats.skip_report(self.step, self.metrics.print))
+                stats.update(self.data_stats.epoch_report())
                 self.metrics.log(
                     self.step,
                     {
@@ -168,13 +140,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, dict]:
         rows = [next(self.rows) for _ in range(self.accum)]
-        oldest: dict[int, int] = {}
-        for r in rows:
-            for epoch, source in zip(r.get("sample_epochs", ()), r.get("sample_sources", ())):
-                oldest[source] = min(epoch, oldest.get(source, epoch))
-        for source, epoch in oldest.items():
-            self.epochs[source] = max(epoch, self.epochs.get(source, epoch))
-        self._account(rows)
+        self.data_stats.account(rows)
         if self._waiting_since is not None:  # the progress bar starts once this step is done
             waited, self._waiting_since = time.perf_counter() - self._waiting_since, None
             self.metrics.print(
@@ -249,7 +215,7 @@ class Trainer:
                     f"{self.nonfinite_skips} non-finite steps skipped > trainer.max_nonfinite_skips={budget}; "
                     f"last at step {self.step + 1} ({what})"
                 )
-        self._check_skips()
+        self.data_stats.check(self.cfg.data.max_skip_fraction)
         stats = {
             "train/grad_norm": grad_norm,
             "train/nonfinite_skips": self.nonfinite_skips,
@@ -262,99 +228,30 @@ class Trainer:
             stats["train/sp_pad_tokens"] = num_pad  # pad tokens added so that SP divides the row length
         return global_loss, stats
 
-    def _account(self, rows: list[dict]) -> None:
-        """This rank's data accounting, which travels with the rows: records read, skips, skipped records."""
-        for r in rows:
-            self.records += r.get("records", 0)
-            self.skipped.update(r.get("skipped", {}))
-            for url, reasons in r.get("skipped_shards", {}).items():
-                self.skipped_shards.setdefault(url, Counter()).update(reasons)
-            for key, reason in r.get("skipped_records", {}).items():
-                if key not in self.skipped_records:
-                    self._new_skipped[key] = reason
-
-    def _epoch_report(self) -> dict:
-        """`data/epoch`: the pass over the data (counting from 1) that the steps' oldest records come from, never
-        decreasing, over all ranks; a mixture adds `data/epoch/<i>` per source (each source cycles its own
-        epochs). Every rank must call it."""
-        epochs: dict[int, int] = {}
-        for mine in _all_gather(self.epochs):
-            for source, epoch in mine.items():
-                epochs[source] = max(epoch, epochs.get(source, epoch))
-        out = {"data/epoch": epochs[0] + 1} if 0 in epochs else {}
-        if len(self.cfg.data.mixture) > 1:
-            out.update({f"data/epoch/{s}": e + 1 for s, e in sorted(epochs.items())})
-        return out
-
-    def _global_skips(self) -> tuple[int, Counter, dict[str, Counter]]:
-        """(records read, skips by reason, skips by shard) over all ranks, and the global set of skipped records
-        brought up to date (only each rank's new ones travel). Every rank must call it."""
-        records, reasons, shards = 0, Counter(), {}
-        gathered = _all_gather((self.records, dict(self.skipped), self.skipped_shards, self._new_skipped))
-        for n, by_reason, by_shard, new in gathered:
-            records += n
-            reasons.update(by_reason)
-            for url, c in by_shard.items():
-                shards.setdefault(url, Counter()).update(c)
-            self.skipped_records.update(new)
-        self._new_skipped = {}
-        return records, reasons, shards
-
-    def _skip_report(self) -> dict:
-        """Global skip counters for the log step, and a console line whenever more records were skipped since the
-        last one. Counts are of records (a record skipped in every epoch counts once), out of the readable ones;
-        the skips per encounter are said too when records recur."""
-        reads, encounters, shards = self._global_skips()
-        reasons = Counter(self.skipped_records.values())
-        skipped = len(self.skipped_records)
-        if skipped != self._skips_reported:
-            of = self.num_readable or reads
-            recurring = sum(encounters.values())
-            again = (
-                f" ({recurring} skips in {reads} records read: epochs meet them again)"
-                if recurring > skipped
-                else ""
-            )
-            self.metrics.print(
-                f"data: {skipped - self._skips_reported} more record(s) skipped by step {self.step}; {skipped} of "
-                f"{of} records ({skipped / max(of, 1):.2%}) so far{again}: {dict(reasons.most_common())}; "
-                f"{_shard_summary(shards)}"
-            )
-            self._skips_reported = skipped
+    def state_dict(self) -> dict:
+        """This rank's training state beside the engine's: the keys of a checkpoint's rank_N.pt."""
         return {
-            "data/records": reads,
-            "data/skips": sum(encounters.values()),
-            **{f"data/skipped/{k}": v for k, v in reasons.items()},
+            "tokens_seen": self.tokens_seen,
+            "nonfinite_skips": self.nonfinite_skips,
+            **self.data_stats.state_dict(),
+            # exact stream position of the rows consumed so far (data.loader.ResumableLoader)
+            "data": self.rows.state_dict() if hasattr(self.rows, "state_dict") else None,
         }
 
-    def _check_skips(self) -> None:
-        total_skipped = sum(self.skipped.values())
-        records, skipped = _all_sum([self.records, total_skipped])
-        limit = self.cfg.data.max_skip_fraction
-        if records >= 100 and skipped / records > limit:
-            _, reasons, shards = self._global_skips()  # every rank is here: the same sums on all of them
-            raise RuntimeError(
-                f"data: {skipped:.0f} of {records:.0f} records skipped ({skipped / records:.1%}) > "
-                f"data.max_skip_fraction={limit}; reasons: {dict(reasons.most_common())}; shards: "
-                f"{_shard_summary(shards, limit=10)}"
-            )
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's rank state (CheckpointManager.load; {} for a fresh run). The stream position ("data")
+        is the loader's: it was opened at it (mmrope/train/run.py)."""
+        self.step = state.get("step", self.step)
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        self.data_stats.load_state_dict(state)
 
     def save(self) -> Path:
         path = self.ckpt.save(
             self.engine,
             self.step,
             fingerprint=self.fingerprint,
-            rank_state={
-                "tokens_seen": self.tokens_seen,
-                "records": self.records,
-                "skipped": dict(self.skipped),
-                "skipped_shards": {url: dict(c) for url, c in self.skipped_shards.items()},
-                "skipped_records": {**self.skipped_records, **self._new_skipped},
-                "nonfinite_skips": self.nonfinite_skips,
-                "epochs": dict(self.epochs),  # for data/epoch
-                # exact stream position of the rows consumed so far (data.loader.ResumableLoader)
-                "data": self.rows.state_dict() if hasattr(self.rows, "state_dict") else None,
-            },
+            rank_state=self.state_dict(),
             # The whole config, so that `python -m mmrope.train.export` can rebuild the model from the
             # checkpoint alone.
             extra={"train_config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)},

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data.loader import PackedRowStream, ResumableLoader, plan_report, source_report, video_report
 from data.processing import SampleProcessor
@@ -23,78 +22,13 @@ from mmrope.encodings import build as build_encoding
 from mmrope.model.build import build_model
 from mmrope.model.install import install
 from mmrope.train import rundir
-from mmrope.train.checkpoint import CheckpointManager, config_fingerprint
-from mmrope.train.config import OptimConfig, TrainConfig, model_tokens_per_second, rope_hparams_error
+from mmrope.train.checkpoint import CheckpointManager
+from mmrope.train.config import TrainConfig, model_tokens_per_second, rope_hparams_error
 from mmrope.train.engine import Dist, build_engine, init_distributed, init_sequence_parallel
 from mmrope.train.loop import Trainer, TrainResult
 from mmrope.train.metrics import Metrics
+from mmrope.train.resume import ResumePlan, apply_optim_config
 from mmrope.train.throughput import Throughput, detect_peak_tflops, device_name
-
-
-def flatten(cfg: TrainConfig | dict) -> dict:
-    """`{"trainer.optim.lr": 0.002, ...}` from a config (or its nested dict, as saved in a manifest)."""
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and k != "hparams":
-                yield from walk(v, key + ".")
-            else:
-                yield key, v
-
-    nested = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return dict(walk(nested))
-
-
-# How a run is resumed, not what it trains: never reported as a change.
-NOT_HYPERPARAMETERS = ("trainer.resume",)
-
-
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """`changed: key old -> new` for every setting of the current config that differs from the checkpoint's."""
-    return [
-        f"changed: {key} {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
-        for key in sorted(set(saved) | set(current))
-        if key not in NOT_HYPERPARAMETERS and saved.get(key) != current.get(key)
-    ]
-
-
-def refuse_to_reuse(run_dir: Path, ckpt: CheckpointManager) -> None:
-    """trainer.resume=never starts a NEW run: refuse a folder that already holds one (its checkpoints and its
-    metrics would be overwritten or mixed with the new run's)."""
-    held = []
-    if latest := ckpt.latest():
-        held.append(f"committed checkpoints up to {latest.name}")
-    log = run_dir / "metrics.jsonl"
-    if log.is_file() and log.stat().st_size > 0:
-        held.append("a metrics.jsonl")
-    if held:
-        raise ValueError(
-            f"config key `trainer.run_name`: {run_dir} already holds a run ({' and '.join(held)}); "
-            "trainer.resume=never starts a new run and never overwrites one: choose a new trainer.run_name "
-            "(or continue this run with trainer.resume=auto)"
-        )
-
-
-def apply_optim_config(engine, optim: OptimConfig) -> None:
-    """Make the optimizer follow the current config after a checkpoint load.
-
-    Loading restores the saved param-group settings (lr, betas, eps, weight decay) and the schedule's base LR;
-    the moments, step counts and the schedule's position are what resuming is for and stay. Warmup, max_steps
-    and min_lr already come from the current config (the schedule's function is rebuilt from it).
-    """
-    scheduler = engine.lr_scheduler
-    groups = scheduler.optimizer.param_groups
-    for i, group in enumerate(groups):  # param_groups(): [decay, no decay] (older checkpoints: unmarked)
-        no_decay = group.get("no_decay", i == 1)
-        group.update(
-            betas=tuple(optim.betas), eps=optim.eps, weight_decay=0.0 if no_decay else optim.weight_decay
-        )
-    scheduler.base_lrs = [optim.lr] * len(groups)
-    lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
-    for group, lr in zip(groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
 
 
 def _rank0_first(d: Dist, fn):
@@ -199,14 +133,6 @@ def make_stream(cfg: TrainConfig, d: Dist, sample_processor: SampleProcessor) ->
     )
 
 
-def saved_num_slots(checkpoint: Path | None) -> int | None:
-    """The slot count a committed checkpoint's data position was written with (data.num_slots=auto keeps it)."""
-    if checkpoint is None or not (checkpoint / "rank_0.pt").is_file():
-        return None
-    data = torch.load(checkpoint / "rank_0.pt", weights_only=False).get("data")
-    return data.get("num_slots") if data else None
-
-
 def data_settings(cfg: TrainConfig) -> list[str]:
     """The effective data settings, and a warning where the default group's small-data limits meet user data."""
     c = cfg.data
@@ -257,42 +183,8 @@ class Session:
     start_step: int
 
 
-def check_resume(cfg: TrainConfig, run_dir: Path, ckpt: CheckpointManager, fingerprint: dict):
-    """(checkpoint to resume from, its manifest) or (None, None); refuses, naming the key, a run folder that
-    trainer.resume forbids or a checkpoint this config cannot continue. Reads manifests only: runs before
-    anything is built or written."""
-    if cfg.trainer.resume == "never":
-        refuse_to_reuse(run_dir, ckpt)
-    latest = ckpt.latest()
-    if cfg.trainer.resume == "must" and latest is None:
-        raise ValueError(f"config key `trainer.resume`: 'must' but no committed checkpoint in {ckpt.dir}")
-    if latest is None:
-        return None, None
-    # resume auto|must (never refused this folder above)
-    manifest = ckpt.check_compatible(latest, fingerprint)
-    saved_sp = flatten(manifest.get("train_config", {})).get("trainer.sequence_parallel_size", 1)
-    if saved_sp != cfg.trainer.sequence_parallel_size:  # the ranks of an SP group saved one data position
-        raise ValueError(
-            f"config key `trainer.sequence_parallel_size`: checkpoint {latest} was trained with {saved_sp}, "
-            f"this run sets {cfg.trainer.sequence_parallel_size}; resume with the checkpoint's value"
-        )
-    return latest, manifest
-
-
-def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session:
-    """`record`: the composed config as Hydra handed it to train.py; written as the run's `.hydra/config.yaml`
-    (with Hydra's other records and the job log) once the checks below passed (mmrope/train/rundir.py)."""
-    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
-    flat = flatten(cfg)
-    fingerprint = config_fingerprint(flat)
-    # Reads the checkpoint folder only (any rank's view is the same): refused before the process group starts.
-    latest, manifest = check_resume(
-        cfg, run_dir, CheckpointManager(run_dir / "checkpoints", rank=0, world_size=1), fingerprint
-    )
-    d = init_distributed()
-    init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)  # sets d.sp
-    seed_everything(cfg.trainer.seed, d.rank)
-    ckpt = CheckpointManager(
+def open_checkpoints(cfg: TrainConfig, run_dir: Path, d: Dist) -> CheckpointManager:
+    return CheckpointManager(
         run_dir / "checkpoints",
         rank=d.rank,
         world_size=d.world_size,
@@ -300,12 +192,115 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
         # with an adapter only what trains is saved (the frozen base is rebuilt from the config on resume/export)
         trainable_only=cfg.adapter.name != "none",
     )
-    # Another world size: DeepSpeed's universal checkpoint carries model and optimizer (converted once by rank 0),
-    # the virtual slots carry the data position. Slots that do not divide are refused here (data.num_slots).
-    resized = manifest is not None and manifest["world_size"] != d.world_size
-    if resized:  # data.num_slots=auto keeps the checkpoint's count
-        slots = saved_num_slots(latest) if cfg.data.num_slots == "auto" else cfg.data.num_slots
-        PackedRowStream.check_slots(slots, d.dp_size, cfg.data.num_workers)
+
+
+def open_data(cfg: TrainConfig, d: Dist, sample_processor: SampleProcessor, plan: ResumePlan, status):
+    """The data first, in seconds, before the model: shard indexes, record counts, the slot count (refused naming
+    data.num_slots where it does not fit the data or the world), and what the run will train on."""
+    status("opening the data (shard indexes)...")
+    stream = make_stream(cfg, d, sample_processor)
+    announce(d, data_settings(cfg) + source_report(stream))
+    stream.fit_slots(plan.num_slots(cfg), cfg.data.num_workers)
+    rows = max(0, cfg.trainer.max_steps - plan.first_step) * cfg.trainer.global_batch_size
+    setting = "checkpoint" if plan.saved_slots else cfg.data.num_slots
+    announce(d, plan_report(stream, rows=rows, slots_setting=setting))
+    return stream
+
+
+def install_encoding(model: torch.nn.Module, encoding, cfg: TrainConfig) -> None:
+    try:
+        # the one seam
+        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)
+    except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
+        if not any(h in str(e) for h in encoding.hparams):
+            raise
+        raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
+
+
+def start_engine(cfg: TrainConfig, d: Dist, objective, ckpt: CheckpointManager, plan: ResumePlan, status):
+    """The DeepSpeed engine, loaded from the plan's checkpoint: (engine, this rank's saved state or {})."""
+    latest, resized = plan.checkpoint, plan.resized(d.world_size)
+    if resized:
+        ckpt.universal(latest)
+    status("creating DeepSpeed engine" + (f" and loading {latest}..." if latest is not None else "..."))
+    engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
+    rank_state = ckpt.load(engine, latest, plan.manifest) if plan.manifest is not None else {}
+    if plan.optim_changed:
+        apply_optim_config(engine, cfg.trainer.optim)
+    # The checkpoint holds the exact stream position (per virtual slot: epoch cursors, the mixture's RNG state,
+    # the record references held in the packer), so the resumed run sees exactly the rows an
+    # uninterrupted one would, on this world size and worker count or another.
+    if rank_state.get("step", 0) and rank_state.get("data") is None:
+        raise ValueError(
+            f"config key `trainer.resume`: checkpoint {latest} holds no data loader state; cannot resume exactly"
+        )
+    return engine, rank_state
+
+
+def report_start(session: Session, plan: ResumePlan, parallel, stream: PackedRowStream) -> None:
+    """What the run is: its folder, where it resumes, parameters, adapter, compile, changed settings, video."""
+    cfg, d, start_step, log = session.cfg, session.dist, session.start_step, session.metrics.print
+    log(
+        f"run dir: {plan.run_dir}  world size: {d.world_size}  rope: {cfg.rope.name}"
+        f"{' + DIPE' if cfg.rope.dipe else ''}  resume: {'step ' + str(start_step) if start_step else 'fresh'}"
+    )
+    if plan.resized(d.world_size):
+        log(
+            f"  resumed step {start_step} of world size {plan.manifest['world_size']} on world size "
+            f"{d.world_size}: model and optimizer from {plan.checkpoint / 'universal'}, data position from "
+            f"{stream.num_slots} virtual slots"
+        )
+    for group, c in parallel.param_counts.items():
+        log(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    for line in parallel.adapter.lines(cfg.adapter) if parallel.adapter is not None else []:
+        log(line)
+    if parallel.compiled:
+        log(
+            f"  model.compile: {len(parallel.compiled)} LLM modules (RMSNorms, dense MLPs) compiled on first use"
+        )
+    for line in plan.changes + video_report(stream):  # changed settings: they apply from now on
+        log(line)
+
+
+def measure_throughput(cfg: TrainConfig, d: Dist, model: torch.nn.Module, log) -> Throughput:
+    """Tokens/s and MFU against the device's peak (trainer.peak_tflops, or known from the device's name)."""
+    peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
+    log(
+        f"MFU against {peak_tflops:g} TFLOP/s per device"
+        + (" (trainer.peak_tflops)" if cfg.trainer.peak_tflops else f" ({device_name(d.device)})")
+        if peak_tflops
+        else f"MFU: n/a (no known peak TFLOP/s for {device_name(d.device)}; set trainer.peak_tflops)"
+    )
+    return Throughput(model.config, peak_tflops=peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze)
+
+
+def attach_evaluation(session: Session, encoding, run_dir: Path) -> None:
+    """trainer.eval.every: held-out loss in the training log; trainer.eval.benchmarks: scores per checkpoint."""
+    cfg, d, trainer = session.cfg, session.dist, session.trainer
+    if cfg.trainer.eval.every > 0:
+        from mmrope.train.eval import Evaluator, eval_shard_urls
+
+        urls = eval_shard_urls(cfg, rank0_first=lambda fn: _rank0_first(d, fn))
+        eval_processor = make_sample_processor(cfg, session.processor, encoding, pixels="float32")
+        trainer.evaluator = Evaluator(cfg, session.engine.module, eval_processor, encoding, urls, d.device)
+    if cfg.trainer.eval.benchmarks.tasks:
+        from mmrope.train.benchmarks import Benchmarks
+
+        trainer.benchmarks = Benchmarks(
+            cfg.trainer.eval.benchmarks, run_dir, enabled=d.is_main, log=session.metrics.print
+        )
+
+
+def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session:
+    """`record`: the composed config as Hydra handed it to train.py; written as the run's `.hydra/config.yaml`
+    (with Hydra's other records and the job log) once the checks below passed (mmrope/train/rundir.py)."""
+    run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
+    plan = ResumePlan.from_run(cfg, run_dir)  # refuses what trainer.resume forbids before the process group
+    d = init_distributed()
+    init_sequence_parallel(d, cfg.trainer.sequence_parallel_size)  # sets d.sp
+    seed_everything(cfg.trainer.seed, d.rank)
+    ckpt = open_checkpoints(cfg, run_dir, d)
+    plan.check_world(cfg, d.world_size, d.dp_size)
     if record is not None:  # accepted: from here on the call is the run's (a refusal above wrote nothing)
         rundir.claim(record, rank=d.rank)
 
@@ -314,119 +309,27 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     status("building the processor...")
     processor = make_processor(cfg, d)
     encoding = build_encoding(cfg.rope.name, **cfg.rope.hparams)
-    # The data first, in seconds, before the model: shard indexes, record counts, the slot count (refused naming
-    # data.num_slots where it does not fit the data or the world), and what the run will train on.
-    sample_processor = make_sample_processor(cfg, processor, encoding)
-    status("opening the data (shard indexes)...")
-    stream = make_stream(cfg, d, sample_processor)
-    announce(d, data_settings(cfg) + source_report(stream))
-    resumed_slots = saved_num_slots(latest) if cfg.data.num_slots == "auto" else None
-    stream.fit_slots(resumed_slots or cfg.data.num_slots, cfg.data.num_workers)
-    first_step = int(latest.name.split("_")[-1]) if latest is not None else 0
-    rows = max(0, cfg.trainer.max_steps - first_step) * cfg.trainer.global_batch_size
-    announce(
-        d, plan_report(stream, rows=rows, slots_setting="checkpoint" if resumed_slots else cfg.data.num_slots)
-    )
+    stream = open_data(cfg, d, make_sample_processor(cfg, processor, encoding), plan, status)
     status("building the model...")
-    model = build_model(
-        cfg.model,
-        vocab_size=len(processor.tokenizer),
-        special_ids=processor.special_ids,
-        seed=cfg.trainer.seed,
-    )
-    try:
-        # the one seam
-        install(model, encoding, attn_backend=cfg.model.attn_backend, dipe=cfg.rope.dipe)
-    except ValueError as e:  # an encoding that does not fit this checkpoint's heads: name the rope key
-        if not any(h in str(e) for h in encoding.hparams):
-            raise
-        raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
+    vocab_size, special_ids = len(processor.tokenizer), processor.special_ids
+    model = build_model(cfg.model, vocab_size=vocab_size, special_ids=special_ids, seed=cfg.trainer.seed)
+    install_encoding(model, encoding, cfg)
     # freeze -> adapters -> activation checkpointing -> compile -> sequence parallelism -> objective, in that order
     parallel = parallelize(model, cfg, d)
-    objective, counts, compiled = parallel.objective, parallel.param_counts, parallel.compiled
-    adapter = parallel.adapter
-
-    if resized:
-        ckpt.universal(latest)
-    status("creating DeepSpeed engine" + (f" and loading {latest}..." if latest is not None else "..."))
-    engine, _, _ = build_engine(objective, cfg, d.world_size, load_universal=resized)
-    rank_state = ckpt.load(engine, latest, manifest) if manifest is not None else {}
+    engine, rank_state = start_engine(cfg, d, parallel.objective, ckpt, plan, status)
     start_step = rank_state.get("step", 0)
-    changes = (
-        changed_settings(flatten(manifest.get("train_config", {})), flat) if manifest is not None else []
-    )
-    if any(c.startswith("changed: trainer.optim.") for c in changes):
-        apply_optim_config(engine, cfg.trainer.optim)
-
-    # The checkpoint holds the exact stream position (per virtual slot: epoch cursors, the mixture's RNG state,
-    # the record references held in the packer), so the resumed run sees exactly the rows an
-    # uninterrupted one would, on this world size and worker count or another.
-    data_state = rank_state.get("data")
-    if start_step and data_state is None:
-        raise ValueError(
-            f"config key `trainer.resume`: checkpoint {latest} holds no data loader state; cannot resume exactly"
-        )
     num_workers = fit_workers(cfg.data.num_workers, stream.num_slots, d.dp_size, status)
-    rows = ResumableLoader(stream, num_workers, state=data_state)
+    rows = ResumableLoader(stream, num_workers, state=rank_state.get("data"))
 
-    metrics = Metrics(cfg, run_dir, enabled=d.is_main, start_step=start_step, flat_config=flat)
-    metrics.print(
-        f"run dir: {run_dir}  world size: {d.world_size}  rope: {cfg.rope.name}"
-        f"{' + DIPE' if cfg.rope.dipe else ''}  resume: {'step ' + str(start_step) if start_step else 'fresh'}"
-    )
-    if resized:
-        metrics.print(
-            f"  resumed step {start_step} of world size {manifest['world_size']} on world size {d.world_size}: model "
-            f"and optimizer from {latest / 'universal'}, data position from {stream.num_slots} virtual slots"
-        )
-    for group, c in counts.items():
-        metrics.print(f"  params/{group:<9} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
-    for line in adapter.lines(cfg.adapter) if adapter is not None else []:
-        metrics.print(line)
-    if compiled:
-        metrics.print(
-            f"  model.compile: {len(compiled)} LLM modules (RMSNorms, dense MLPs) compiled on first use"
-        )
-    for change in changes:  # resumed with other settings than the checkpoint's: say which, they apply now
-        metrics.print(change)
-    for line in video_report(stream):
-        metrics.print(line)
-    trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, fingerprint, start_step=start_step)
-    trainer.tokens_seen = rank_state.get("tokens_seen", 0)
-    trainer.records = rank_state.get("records", 0)
-    trainer.epochs = dict(rank_state.get("epochs", {}))
-    trainer.skipped.update(rank_state.get("skipped", {}))
-    for url, reasons in rank_state.get("skipped_shards", {}).items():
-        trainer.skipped_shards.setdefault(url, Counter()).update(reasons)
-    trainer.skipped_records.update(rank_state.get("skipped_records", {}))
-    trainer._skips_reported = len(trainer.skipped_records)
-    trainer.num_readable = sum(
-        stream.lengths.values()
-    )  # records of the readable shards: what skips are out of
-    peak_tflops = cfg.trainer.peak_tflops or detect_peak_tflops(device_name(d.device))
-    metrics.print(
-        f"MFU against {peak_tflops:g} TFLOP/s per device"
-        + (" (trainer.peak_tflops)" if cfg.trainer.peak_tflops else f" ({device_name(d.device)})")
-        if peak_tflops
-        else f"MFU: n/a (no known peak TFLOP/s for {device_name(d.device)}; set trainer.peak_tflops)"
-    )
-    trainer.throughput = Throughput(
-        model.config, peak_tflops=peak_tflops, world_size=d.world_size, freeze=cfg.model.freeze
-    )
-    trainer.nonfinite_skips = rank_state.get("nonfinite_skips", 0)
-    if cfg.trainer.eval.every > 0:
-        from mmrope.train.eval import Evaluator, eval_shard_urls
-
-        urls = eval_shard_urls(cfg, rank0_first=lambda fn: _rank0_first(d, fn))
-        eval_processor = make_sample_processor(cfg, processor, encoding, pixels="float32")
-        trainer.evaluator = Evaluator(cfg, engine.module, eval_processor, encoding, urls, d.device)
-    if cfg.trainer.eval.benchmarks.tasks:
-        from mmrope.train.benchmarks import Benchmarks
-
-        trainer.benchmarks = Benchmarks(
-            cfg.trainer.eval.benchmarks, run_dir, enabled=d.is_main, log=metrics.print
-        )
-    return Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
+    metrics = Metrics(cfg, run_dir, enabled=d.is_main, start_step=start_step, flat_config=plan.flat)
+    trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, plan.fingerprint)
+    trainer.load_state_dict(rank_state)
+    trainer.data_stats.num_readable = sum(stream.lengths.values())  # records of the readable shards
+    session = Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
+    report_start(session, plan, parallel, stream)
+    trainer.throughput = measure_throughput(cfg, d, model, metrics.print)
+    attach_evaluation(session, encoding, run_dir)
+    return session
 
 
 def run(cfg: TrainConfig, record: DictConfig | None = None) -> TrainResult:

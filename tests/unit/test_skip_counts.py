@@ -1,21 +1,17 @@
 """Skipped records are counted as records, not as encounters: one over-long record of 56, met in each of 6 epochs,
 is "1 of 56 records", not "6 of 336" (the loader's rows carry the skipped records' identities, data/loader.py;
-the trainer keeps the set, mmrope/train/loop.py)."""
+the data stats keep the set, mmrope/train/data_stats.py)."""
 
 from __future__ import annotations
 
 import json
 
-import torch
 import webdataset as wds
 
 from data.loader import PackedRowStream
 from data.processing import SampleProcessor
 from mmrope.encodings import build
-from mmrope.train.config import TrainConfig
-from mmrope.train.engine import Dist
-from mmrope.train.loop import Trainer
-from mmrope.train.metrics import Metrics
+from mmrope.train.data_stats import DataStats
 
 NUM_RECORDS, EPOCHS, TOO_LONG = 56, 6, 17
 
@@ -35,14 +31,9 @@ def test_a_record_skipped_in_every_epoch_counts_once(tmp_path, tiny_processor, c
     )
     rows = list(stream)
 
-    cfg = TrainConfig()
-    cfg.trainer.wandb.mode = "disabled"
-    metrics = Metrics(cfg, tmp_path / "run", enabled=True, start_step=0, flat_config={})
-    trainer = Trainer(cfg, Dist(0, 1, 0, torch.device("cpu")), None, iter(()), None, metrics, {})
-    trainer.num_readable = sum(stream.lengths.values())
-    trainer._account(rows)
-    stats = trainer._skip_report()
-    metrics.close()
+    data_stats = DataStats(num_readable=sum(stream.lengths.values()))
+    data_stats.account(rows)
+    stats = data_stats.skip_report(0, print)
 
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("data: ")]
     assert line.startswith(
@@ -51,5 +42,34 @@ def test_a_record_skipped_in_every_epoch_counts_once(tmp_path, tiny_processor, c
         f"{shard} (too_long {EPOCHS})"
     ), line
     assert stats == {"data/records": EPOCHS * NUM_RECORDS, "data/skips": EPOCHS, "data/skipped/too_long": 1}
-    assert trainer.skipped_records == {f"{shard}#{TOO_LONG}": "too_long"}
-    assert trainer._skip_report() == stats and not capsys.readouterr().out  # nothing new: no second line
+    assert data_stats.skipped_records == {f"{shard}#{TOO_LONG}": "too_long"}
+    assert (
+        data_stats.skip_report(0, print) == stats and not capsys.readouterr().out
+    )  # nothing new: no second line
+
+
+def test_the_stats_resume_from_their_state(tmp_path):
+    """state_dict() holds the keys of a checkpoint's rank_N.pt; a loaded copy reports the same and goes on."""
+    rows = [
+        {
+            "records": 9,
+            "skipped": {"too_long": 1},
+            "skipped_shards": {"a.tar": {"too_long": 1}},
+            "skipped_records": {"a.tar#3": "too_long"},
+            "sample_epochs": [1, 2],
+            "sample_sources": [0, 0],
+        }
+    ]
+    before = DataStats(num_readable=9)
+    before.account(rows)
+    state = before.state_dict()
+    assert set(state) == {"records", "skipped", "skipped_shards", "skipped_records", "epochs"}
+    after = DataStats(num_readable=9)
+    after.load_state_dict(state)
+    assert after.state_dict() == state and after.epoch == 2
+    lines = []
+    assert after.skip_report(5, lines.append) == before.skip_report(5, lambda _: None)
+    assert not lines  # the resumed record was reported before the checkpoint: no new line
+    empty = DataStats()
+    empty.load_state_dict({})  # a checkpoint that predates the keys
+    assert empty.state_dict()["records"] == 0 and empty.epoch is None

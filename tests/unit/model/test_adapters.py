@@ -181,7 +181,7 @@ def test_qlora_is_refused_on_cpu_naming_it():
 
 
 def test_resume_with_other_adapter_settings_is_refused_naming_the_key(tmp_path):
-    from mmrope.train.run import flatten
+    from mmrope.train.resume import flatten
 
     ckpt = CheckpointManager(tmp_path, rank=0, world_size=1)
     step = tmp_path / "step_2"
