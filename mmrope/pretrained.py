@@ -37,10 +37,11 @@ from mmrope.encodings import Encoding, TokenIds, build
 from mmrope.model.build import FAMILY_CLASSES
 from mmrope.model.families import FAMILIES
 from mmrope.model.generate import greedy_generate
-from mmrope.model.install import install
+from mmrope.model.install import install, text_model
 from mmrope.model.stock import load_config
 
 ENCODING_FILE = "mmrope_encoding.json"
+ROTARY_FILE = "mmrope_rotary.safetensors"  # an encoding's learned parameters (GRAPE's planes), if it has any
 IMAGE_TOKEN_TYPE = 1  # transformers' mm_token_type_ids: 0 text, 1 image, 2 video
 
 
@@ -145,6 +146,7 @@ def from_pretrained(
     encoding = build(meta["name"], **meta.get("hparams", {}))
     dipe = bool(meta.get("dipe", False))
     install(model, encoding, attn_backend=attn_backend, dipe=dipe)
+    load_rotary(model, path)
     parts = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, config=config)
     processor = Processor(
         tokenizer=parts.tokenizer,
@@ -154,6 +156,25 @@ def from_pretrained(
         dipe=dipe,
     )
     return model, processor
+
+
+def load_rotary(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load the installed encoding's learned parameters from the export's ROTARY_FILE (strict); refuse an export
+    whose encoding has learned parameters but no such file (it would run with untrained planes)."""
+    rotary = text_model(model).rotary_emb.rotary
+    learned = dict(rotary.named_parameters())
+    file = Path(path) / ROTARY_FILE
+    if not file.is_file():
+        if learned:
+            raise ValueError(
+                f"checkpoint: {str(path)!r} has no {ROTARY_FILE}, but its encoding learns {len(learned)} tensors "
+                f"({sorted(learned)[:3]}...): re-export the training checkpoint with `python -m mmrope.train.export`"
+            )
+        return
+    from safetensors.torch import load_file
+
+    device = next(model.parameters()).device
+    rotary.load_state_dict(load_file(str(file), device=str(device)), strict=True)
 
 
 @torch.no_grad()

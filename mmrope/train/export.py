@@ -22,6 +22,10 @@ encoding metadata), or, for a pretrained stock checkpoint, `base_model_name_or_p
 
     python -m mmrope.train.export runs/<run_name>/checkpoints --adapter-only --out exported/lora
 
+An encoding with learned parameters (GRAPE's `axis`/`mixed`/`block_mixed` planes, which live in the installed
+rotary module, not in the transformers model) writes them to `mmrope_rotary.safetensors` next to the model;
+`mmrope.from_pretrained` loads them into the encoding it installs.
+
 The weights come from DeepSpeed's own consolidation (`get_fp32_state_dict_from_zero_checkpoint`: fp32 master
 weights of the trainable parameters + the frozen ones from the model-state files). The engine wraps the VLM
 in `SFTObjective`, so keys arrive prefixed `vlm.`. Parameters the shards do not hold (frozen parameters of an
@@ -40,10 +44,12 @@ import torch
 from omegaconf import OmegaConf
 
 from mmrope.model.families import FAMILIES
+from mmrope.pretrained import ROTARY_FILE
 from mmrope.train.checkpoint import MANIFEST, CheckpointManager
 from mmrope.train.config import TrainConfig
 
 WRAPPER_PREFIX = "vlm."
+ROTARY_KEY = "rotary_emb.rotary."  # the installed MMRopeRotaryEmbedding's encoding module (mmrope.model.rotary)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,6 +77,19 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items() if k.startswith(WRAPPER_PREFIX)}
+
+
+def rotary_parameters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pop the installed encoding's own parameters (`...rotary_emb.rotary.<name>`) out of a consolidated state
+    dict; returns them keyed by their name inside the encoding's Rotary module."""
+    keys = [k for k in state if ROTARY_KEY in k]
+    return {k.split(ROTARY_KEY, 1)[1]: state.pop(k) for k in keys}
+
+
+def save_rotary(rotary_state: dict[str, torch.Tensor], out: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(dtype).contiguous() for k, v in rotary_state.items()}, str(Path(out) / ROTARY_FILE))
 
 
 def is_stock(name: str, hparams: dict, dipe: bool, family: str) -> bool:
@@ -171,6 +190,7 @@ def export(
         peft_model = get_peft_model(base, lora_config(cfg.adapter, targets))
         model = peft_model.base_model.model  # the base itself, LoRA layers injected in place
     trained = consolidated_state_dict(step_dir)
+    rotary_state = rotary_parameters(trained)  # removed from `trained`: the bare model has no such modules
     expected = model.state_dict()
     unknown = sorted(set(trained) - set(expected))
     if unknown:
@@ -195,6 +215,9 @@ def export(
         print(f"export: {len(adapted)} adapted modules merged into their base weights")
     model.to(DTYPES[dtype])
     write_export(model, processor, out, trained_steps=manifest["step"], **encoding)
+    if rotary_state:
+        save_rotary(rotary_state, out, DTYPES[dtype])
+        print(f"export: the encoding's {len(rotary_state)} learned tensors -> {ROTARY_FILE}")
     print(f"exported step {manifest['step']} of {step_dir} -> {out} ({dtype})")
     return out
 

@@ -133,3 +133,54 @@ def test_which_exports_stock_transformers_reproduces(name, hparams, dipe, family
     from mmrope.train.export import is_stock
 
     assert is_stock(name, hparams, dipe, family) is stock
+
+
+def test_learned_grape_planes_survive_export(tmp_path, cache_dir):
+    """GRAPE's learned planes live in the installed rotary module, not in the transformers model: the export
+    writes them beside it and `mmrope.from_pretrained` loads them (same logits as training); without the file
+    the load is refused rather than run with untrained planes."""
+    import mmrope
+    from mmrope.model.install import seam_kwargs, text_model
+    from mmrope.pretrained import ROTARY_FILE
+    from mmrope.train.export import main
+
+    s = session(
+        cache_dir,
+        tmp_path,
+        "rope=grape",
+        "rope.hparams.grape_mode=axis",
+        "trainer.run_name=grape",
+        "trainer.resume=never",
+        "trainer.max_steps=1",
+        "trainer.optim.lr=1e-2",
+    )
+    vlm = s.engine.module.vlm
+    planes = text_model(vlm).rotary_emb.rotary
+    initial = {n: p.detach().clone() for n, p in planes.named_parameters()}
+    assert initial, "grape_mode=axis has no learned parameters: nothing to check"
+    record_step(s)
+    step_dir = s.trainer.save()
+    row = next(s.trainer.rows)
+    inputs = dict(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False)
+    inputs.update(pixel_values=row["pixel_values"], image_grid_thw=row["image_grid_thw"])
+    packing = seam_kwargs(cu_seqlens=row["cu_seqlens"])
+    vlm.eval()
+    with torch.no_grad():
+        expected = vlm.lm_head(vlm.model(**inputs, **packing).last_hidden_state)
+    trained = {n: p.detach().clone() for n, p in planes.named_parameters()}
+    s.metrics.close()
+    assert any(not torch.equal(trained[n], initial[n]) for n in trained), "training did not move the planes"
+
+    out = tmp_path / "exported"
+    main([str(step_dir), "--out", str(out)])
+    model, _ = mmrope.from_pretrained(out)
+    loaded = dict(text_model(model).rotary_emb.rotary.named_parameters())
+    for name, value in trained.items():
+        assert torch.equal(loaded[name], value), name
+    with torch.no_grad():
+        logits = model.lm_head(model.model(**inputs, **packing).last_hidden_state)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+    (out / ROTARY_FILE).unlink()
+    with pytest.raises(ValueError, match=ROTARY_FILE):
+        mmrope.from_pretrained(out)
