@@ -9,7 +9,7 @@ exact over every rank, worker and slot. A row may span an epoch boundary (its la
 of e + 1), but the packer never puts one record into a row twice: a record that would repeat one already in an
 open row goes to another row or opens one. The packer fills its oldest open row first (data/packing.py), so a
 record reaches a row within about `open_rows` rows of its slot after it was drawn: epoch e's last records are
-trained on at most that many rows of the slot into epoch e + 1. `open_rows` is `num_open_rows` (8), but never more
+trained on at most that many rows of the slot into epoch e + 1. `open_rows` is `num_open_rows` (16), but never more
 than the rows a slot's share of an epoch fills (at least 2, so that a record which would repeat one in a row has
 another row to go to): a small data set packs two rows at a time, and the epochs stay in order. Every sample carries the epoch it was drawn in
 (`sample_epochs`). A weighted mixture (`data.mixture`) draws each record's source by a seeded weighted draw per
@@ -118,7 +118,7 @@ class PackedRowStream(IterableDataset):
         world_size: int = 1,
         num_slots: int | str | None = None,
         error_policy: str = "skip",
-        num_open_rows: int = 8,
+        num_open_rows: int = 16,
         vit_balance: float | None = None,
         epochs: int | None = None,
         mixture: list[tuple[list[str], float]] | None = None,
