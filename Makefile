@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@if [ "$(DS_ACCELERATOR)" = cpu ]; then $(PY) launch/prebuild_ops.py; fi
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with torch (CPU build without CUDA) and all dependencies
