@@ -49,7 +49,9 @@ from mmrope.train.checkpoint import MANIFEST, CheckpointManager
 from mmrope.train.config import TrainConfig
 
 WRAPPER_PREFIX = "vlm."
-ROTARY_KEY = "rotary_emb.rotary."  # the installed MMRopeRotaryEmbedding's encoding module (mmrope.model.rotary)
+ROTARY_KEY = (
+    "rotary_emb.rotary."  # the installed MMRopeRotaryEmbedding's encoding module (mmrope.model.rotary)
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -367,7 +367,9 @@ def results_block(results: dict, command: str) -> str:
     for name, s in results["steps"].items():
         detail = ", ".join(f"{v} {k}" for k, v in s.get("counts", {}).items())
         if "first_attempt" in s:  # a retried step says so, with how its first attempt ended
-            detail = f"retried: the first attempt {s['first_attempt']['status']}" + (f"; {detail}" if detail else "")
+            detail = f"retried: the first attempt {s['first_attempt']['status']}" + (
+                f"; {detail}" if detail else ""
+            )
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {detail} |")
     if bench:
         lines += [

@@ -25,10 +25,15 @@ def test_dry_run_goes_through_every_step(tmp_path, cache_dir):
     out = tmp_path / "out"
     results = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
     # A failing step's own output (not only the report table printed last) is what explains the failure.
-    for name, s in results.get("steps", {}).items():  # a step the script ran twice: how its first attempt ended
+    for name, s in results.get(
+        "steps", {}
+    ).items():  # a step the script ran twice: how its first attempt ended
         if "first_attempt" in s:
             first = s["first_attempt"]
-            warnings.warn(f"gpu-check step {name} was retried: {first['status']}\n{first.get('output_tail')}")
+            warnings.warn(
+                f"gpu-check step {name} was retried: {first['status']}\n{first.get('output_tail')}",
+                stacklevel=1,
+            )
     failing = {n: s for n, s in results.get("steps", {}).items() if "output_tail" in s}
     assert proc.returncode == 0, "\n\n".join(
         [f"== step {n}: {s['status']}\n{s['output_tail']}" for n, s in failing.items()]

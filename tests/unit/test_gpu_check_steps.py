@@ -33,8 +33,12 @@ def test_a_step_killed_by_a_signal_runs_once_more_and_says_so(tmp_path):
 
 def test_a_step_that_exits_with_an_error_is_not_retried(tmp_path):
     c = Check(tmp_path, budget_s=60, dry=True)
-    code, _ = c.run("broken", [sys.executable, "-c", "print('ran-' + 'marker'); raise SystemExit(3)"], cap_s=30)
+    code, _ = c.run(
+        "broken", [sys.executable, "-c", "print('ran-' + 'marker'); raise SystemExit(3)"], cap_s=30
+    )
     assert code == 3
     step = c.results["steps"]["broken"]
     assert step["status"] == "failed (exit 3)" and "first_attempt" not in step
-    assert (tmp_path / "gpu_check.log").read_text().count("ran-marker") == 2  # the output (once) and its tail under the status line
+    assert (tmp_path / "gpu_check.log").read_text().count(
+        "ran-marker"
+    ) == 2  # the output (once) and its tail under the status line
