@@ -17,6 +17,7 @@ from data import index as shard_index
 from data.loader import PackedRowStream, ResumableLoader, merge_states
 from data.processing import SampleProcessor
 from mmrope.encodings import build
+from mmrope.train.config import DataConfig
 from tests.conftest import uneven_shards
 
 
@@ -351,7 +352,7 @@ def _by_epoch(rows: list[dict]) -> dict[int, Counter]:
     return out
 
 
-@pytest.mark.parametrize("vit_balance", [None, 0.1])
+@pytest.mark.parametrize("vit_balance", [None, DataConfig().vit_balance])  # off, and the default
 def test_every_epoch_is_every_record_once_over_ranks_workers_slots_a_resume_and_an_elastic_resume(
     proc, synthetic_shards, tmp_path, vit_balance
 ):
