@@ -6,9 +6,10 @@
   for a `rope=mrope` export and a `rope=videorope rope.dipe=true` run of a sweep (exported by the bench): its
   answers equal ChatModel's at batch size 1, scores.csv holds every task, the sweep report shows the scores.
 - A tiny training run with `trainer.eval.benchmarks` logs `bench/<task>/<metric>` at the checkpoint's step.
-- A task that fails inside lmms-eval (which then exits 0) makes the bench fail, naming the task.
+- A task that fails inside lmms-eval (which then exits 0) makes the bench fail, naming the task (that bench runs
+  in the background beside the other one: lmms-eval's start, 10-13 s of imports, is mostly one thread).
 
-The eval environment comes from `make eval-setup` (cached by its stamp file; ~75 s the first time).
+The eval environment comes from `make eval-setup` (cached by its stamp file; ~16 s the first time, on top of .venv).
 """
 
 from __future__ import annotations
@@ -82,6 +83,29 @@ def exports(tmp_path_factory, tiny_processor) -> dict[str, Path]:
         "mrope": _export_untied(root / "mrope", tiny_processor, "mrope", False, seed=0),
         "videorope_dipe": _export_untied(root / "videorope_dipe", tiny_processor, "videorope", True, seed=1),
     }
+
+
+@pytest.fixture(scope="module")
+def failing_bench(tmp_path_factory, lmms_eval_bin, tasks_dir, exports):
+    """`mmrope.eval.bench` on a task whose scorer raises (~15 s: an lmms-eval start, and lmms-eval's 4 retries of
+    the scorer, 2 s apart). `test_a_failing_task_makes_the_bench_fail` checks it; the in-training benchmark test
+    starts it beside its own bench (both on one thread each) so that it costs no time of its own on 2 cores."""
+    root = tmp_path_factory.mktemp("failing")
+    broken = root / "broken_tasks"
+    broken.mkdir()
+    task_yaml = (tasks_dir / "mmrope_shapes_mc.yaml").read_text()
+    task_yaml = task_yaml.replace("task: mmrope_shapes_mc", "task: mmrope_broken")
+    task_yaml = task_yaml.replace("!function utils.process_results", "!function utils.broken")
+    (broken / "mmrope_broken.yaml").write_text(task_yaml)
+    (broken / "utils.py").write_text(
+        (tasks_dir / "utils.py").read_text()
+        + "\n\ndef broken(doc, results):\n    raise RuntimeError('scorer bug')\n"
+    )
+    args = ["--checkpoint", str(exports["mrope"]), "--tasks", "mmrope_broken", "--include-path", str(broken)]
+    args += ["--limit", "1", "--out", str(root / "out"), "--lmms-eval", str(lmms_eval_bin)]
+    run = _BenchRun(*args, cwd=root)
+    yield run
+    run.kill()  # the test that checks it did not run
 
 
 def _items(tasks_dir: Path, task: str) -> list[dict]:
@@ -166,19 +190,39 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mmrope.eval.bench", *args],
-        cwd=cwd,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+class _BenchRun:
+    """`python -m mmrope.eval.bench ARGS` in the background, started on demand (one thread: clean_env); its stdout
+    and stderr go to files under `cwd` (a pipe nobody reads while the test works could fill and stall it)."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.args, self.cwd, self.proc = args, cwd, None
+
+    def start(self) -> _BenchRun:
+        if self.proc is None:
+            self.cwd.mkdir(parents=True, exist_ok=True)
+            with open(self.cwd / "bench.stdout", "w") as out, open(self.cwd / "bench.stderr", "w") as err:
+                cmd = [sys.executable, "-m", "mmrope.eval.bench", *self.args]
+                self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=clean_env(), stdout=out, stderr=err)
+        return self
+
+    def finish(self) -> subprocess.CompletedProcess:
+        """Waits for the child (started now if it was not yet)."""
+        proc = self.start().proc
+        try:
+            proc.wait(timeout=600)
+        finally:
+            self.kill()
+        out, err = ((self.cwd / name).read_text() for name in ("bench.stdout", "bench.stderr"))
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def test_in_training_benchmark_then_bench_of_an_export_and_a_sweep(
-    tmp_path, cache_dir, lmms_eval_bin, tasks_dir, exports
+    tmp_path, cache_dir, lmms_eval_bin, tasks_dir, exports, failing_bench
 ):
     from mmrope.eval.bench import safe_name
     from mmrope.eval.chat import ChatModel, gen_settings
@@ -199,7 +243,7 @@ def test_in_training_benchmark_then_bench_of_an_export_and_a_sweep(
         "rope.dipe=true",
         "trainer.eval.benchmarks.tasks=[mmrope_shapes_mc]",
         "trainer.eval.benchmarks.every_saves=2",
-        "trainer.eval.benchmarks.limit=2",
+        "trainer.eval.benchmarks.limit=1",  # one item gives a score; the bench below checks the answers
         f"trainer.eval.benchmarks.include_path=[{tasks_dir}]",
         f"trainer.eval.benchmarks.lmms_eval={lmms_eval_bin}",
     )
@@ -225,7 +269,21 @@ def test_in_training_benchmark_then_bench_of_an_export_and_a_sweep(
     args = ["--checkpoint", str(exports["mrope"]), "--checkpoint", str(sweep), "--tasks", tasks]
     args += ["--include-path", str(tasks_dir), "--limit", str(LIMIT), "--batch-size", "4", "--out", str(out)]
     args += ["--lmms-eval", str(lmms_eval_bin)]
-    done = _bench(*args, cwd=tmp_path)
+    bench_run = _BenchRun(*args, cwd=tmp_path / "bench_run").start()
+    failing_bench.start()  # meanwhile, on the other core: test_a_failing_task_makes_the_bench_fail checks it
+
+    # lmms-eval's answers (batch size 4) will be compared with ChatModel's at batch size 1 with the task's
+    # generation settings: the mrope export's are computed while the bench runs (it uses one thread)
+    task = yaml.load((tasks_dir / "mmrope_shapes_qa.yaml").read_text(), Loader=_TaskLoader)
+    settings = gen_settings(task["generation_kwargs"])
+    docs = _items(tasks_dir, "mmrope_shapes_qa")[:LIMIT]
+
+    def answers(export: Path) -> list[str]:
+        chat = ChatModel(export)
+        return [chat.generate([_conversation(d)], **settings)[0] for d in docs]
+
+    expected = {"mrope": answers(exports["mrope"])}
+    done = bench_run.finish()
     assert done.returncode == 0, done.stdout + done.stderr
     with open(out / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -237,21 +295,13 @@ def test_in_training_benchmark_then_bench_of_an_export_and_a_sweep(
     ]
     assert (out / "scores.png").stat().st_size > 10_000
 
-    # lmms-eval's answers (batch size 4) equal ChatModel's at batch size 1 with the task's generation settings
-    task = yaml.load((tasks_dir / "mmrope_shapes_qa.yaml").read_text(), Loader=_TaskLoader)
-    settings = gen_settings(task["generation_kwargs"])
-    for name, export in (
-        ("mrope", exports["mrope"]),
-        (job_name, out / "exports" / safe_name(job_name)),
-    ):
+    expected[job_name] = answers(out / "exports" / safe_name(job_name))  # the export the bench wrote
+    for name, want in expected.items():
         (samples,) = (out / "lmms" / safe_name(name)).glob("**/*_samples_mmrope_shapes_qa.jsonl")
         logged = {r["doc_id"]: r["filtered_resps"] for r in _records(samples)}
-        chat = ChatModel(export)
-        docs = _items(tasks_dir, "mmrope_shapes_qa")[:LIMIT]
-        expected = [chat.generate([_conversation(d)], **settings)[0] for d in docs]
         got = [logged[i] for i in range(LIMIT)]
         got = [g[0] if isinstance(g, list) else g for g in got]
-        assert got == expected, name
+        assert got == want, name
 
     # 3. the sweep report shows the scores
     md, _ = write_report(sweep, sweep / "report")
@@ -260,24 +310,12 @@ def test_in_training_benchmark_then_bench_of_an_export_and_a_sweep(
     assert "mmrope_shapes_qa accuracy" in text and "../bench/scores.png" in text
 
 
-def test_a_failing_task_makes_the_bench_fail(tmp_path, lmms_eval_bin, tasks_dir, exports):
-    broken = tmp_path / "broken_tasks"
-    broken.mkdir()
-    task_yaml = (tasks_dir / "mmrope_shapes_mc.yaml").read_text()
-    task_yaml = task_yaml.replace("task: mmrope_shapes_mc", "task: mmrope_broken")
-    task_yaml = task_yaml.replace("!function utils.process_results", "!function utils.broken")
-    (broken / "mmrope_broken.yaml").write_text(task_yaml)
-    (broken / "utils.py").write_text(
-        (tasks_dir / "utils.py").read_text()
-        + "\n\ndef broken(doc, results):\n    raise RuntimeError('scorer bug')\n"
-    )
-    args = ["--checkpoint", str(exports["mrope"]), "--tasks", "mmrope_broken", "--include-path", str(broken)]
-    done = _bench(
-        *args, "--limit", "1", "--out", str(tmp_path / "out"), "--lmms-eval", str(lmms_eval_bin), cwd=tmp_path
-    )
+def test_a_failing_task_makes_the_bench_fail(failing_bench):
+    done = failing_bench.finish()  # started in the background by the previous test (else now)
+    root = failing_bench.cwd
     assert done.returncode != 0
     assert "mmrope_broken" in done.stderr and "bench:" in done.stderr, done.stderr
-    assert not (tmp_path / "out" / "scores.csv").exists()
+    assert not (root / "out" / "scores.csv").exists()
 
 
 @pytest.mark.parametrize(
