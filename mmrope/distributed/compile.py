@@ -21,6 +21,9 @@ inputs), recompiled once with a dynamic row length when the second length arrive
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,9 +50,15 @@ def _is_dense_swiglu(module: nn.Module | None) -> bool:
     )
 
 
-@torch.compile
 def _silu_mul(gate_LI: Tensor, up_LI: Tensor) -> Tensor:
     return F.silu(gate_LI) * up_LI
+
+
+@functools.cache
+def _compiled_silu_mul(backend: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The compiled product, one per backend, shared by every layer. Made on first use, not at import: a
+    `torch.compile` call loads inductor (~1 s of start-up), which a run without `model.compile` never needs."""
+    return torch.compile(_silu_mul, backend=backend)
 
 
 class FusedSwiGLU(nn.Module):
@@ -58,18 +67,22 @@ class FusedSwiGLU(nn.Module):
     Holds the stock projections (same modules, same parameter names); the matmuls run eagerly.
     """
 
-    def __init__(self, stock: nn.Module) -> None:
+    def __init__(self, stock: nn.Module, backend: str = "inductor") -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = stock.gate_proj, stock.up_proj, stock.down_proj
+        self.backend = backend  # a name, not the compiled function: the module stays copyable and picklable
 
     def forward(self, x_BLd: Tensor) -> Tensor:
-        return self.down_proj(_silu_mul(self.gate_proj(x_BLd), self.up_proj(x_BLd)))
+        silu_mul = _compiled_silu_mul(self.backend)
+        return self.down_proj(silu_mul(self.gate_proj(x_BLd), self.up_proj(x_BLd)))
 
 
-def compile_decoder(model: nn.Module) -> list[str]:
+def compile_decoder(model: nn.Module, backend: str = "inductor") -> list[str]:
     """Compile the norms and dense MLPs of `model`'s text decoder in place; returns their qualified names.
 
     Call after `install` and activation checkpointing, before the DeepSpeed engine wraps the model. Idempotent.
+    `backend` is torch.compile's: training uses inductor; a smoke run may pass a cheaper one (`aot_eager`: the
+    same graph capture and autograd split, no code generation).
     """
     lm = text_model(model)
     norms: list[tuple[str, nn.Module]] = []
@@ -83,14 +96,14 @@ def compile_decoder(model: nn.Module) -> list[str]:
         if isinstance(getattr(layer, "mlp", None), FusedSwiGLU):
             names.append(f"layers.{i}.mlp")
         elif _is_dense_swiglu(getattr(layer, "mlp", None)):
-            layer.mlp = FusedSwiGLU(layer.mlp)
+            layer.mlp = FusedSwiGLU(layer.mlp, backend)
             names.append(f"layers.{i}.mlp")
     if _is_rms_norm(getattr(lm, "norm", None)):
         norms.append(("norm", lm.norm))
     for name, norm in norms:
         if not getattr(norm, _COMPILED_FLAG, False):
             # The class's function bound to this instance: one code object for all layers, so one compiled graph.
-            norm.forward = torch.compile(type(norm).forward).__get__(norm)
+            norm.forward = torch.compile(type(norm).forward, backend=backend).__get__(norm)
             setattr(norm, _COMPILED_FLAG, True)
         names.append(name)
     return sorted(names, key=_layer_order)

@@ -103,7 +103,15 @@ class Check:
             try:
                 code = proc.wait(timeout=cap)
             except subprocess.TimeoutExpired:
+                # torchrun starts its workers in sessions of their own, out of the group's reach (a killed
+                # train_sp left its 2 ranks running on): they are found as descendants, before the kill.
+                stray = _descendants(proc.pid)
                 os.killpg(proc.pid, signal.SIGKILL)
+                for pid in stray:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 proc.wait()
                 code = None
         output = step_log.read_text(errors="replace")
@@ -119,6 +127,23 @@ class Check:
             )
         self.say(f"-- {name}: {status} in {secs:.0f} s" + (f"\n{tail}" if tail else ""))
         return code, output
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after "(command) state"
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,14 +228,19 @@ def step_bench(c: Check) -> None:
             "cpu",
             "--tokens",
             "1536",
+            # each path once, its warm-up step timed (CPU figures are not what a dry run is for)
             "--steps",
-            "1",
+            "0",
             "--dipe-lengths",
             "512",
             "1024",
             "--variants",
             "all",
             "first_n=1+compile",
+            # graph capture and autograd split as on the GPU, no C++ code generation (15-20 s on 2 cores with
+            # a cold cache); inductor itself compiles on CPU in tests/unit/model/test_compile.py
+            "--compile-backend",
+            "aot_eager",
             "--profile",
         ]
     else:
@@ -289,9 +319,15 @@ def step_attention(c: Check) -> None:
             "--lengths",
             "256",
             "512",
+            # DIPE only: its growth is the figure; each measurement is a process, mostly start-up (~2.5 s on
+            # CPU), and the packed baseline's attention runs in every train step anyway
             "--variants",
-            "mrope-sdpa_varlen",
             "dipe-routed-sdpa_varlen",
+            # 2 at a time, 1 thread each
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
         ]
     else:
         args = [
@@ -399,7 +435,13 @@ def results_block(results: dict, command: str) -> str:
         if variants:
             lines += [
                 "",
-                "mmrope's variants (recompute mode; `+compile` = model.compile, `+liger` = loss.backend=liger):",
+                "mmrope's variants (recompute mode; `+compile` = model.compile"
+                + (
+                    f" with torch.compile backend {bench['compile_backend']}"
+                    if bench.get("compile_backend", "inductor") != "inductor"
+                    else ""
+                )
+                + ", `+liger` = loss.backend=liger):",
                 "",
                 "| variant | step s | tokens/s | LLM MFU | peak GiB |",
                 "| --- | --- | --- | --- | --- |",

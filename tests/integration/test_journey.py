@@ -1,6 +1,6 @@
 """A user's journey, as the README tells it ("Your data, end to end"), on generated LLaVA-style data.
 
-From a fresh folder, the README's commands verbatim (only `trainer.max_steps=300` becomes 4): convert, a
+From a fresh folder, the README's commands verbatim (only `trainer.max_steps=300` becomes 3): convert, a
 2-encoding multirun with an extra override and wandb offline, the report, two exports, and VQA on a set with a
 text-only item; then the two loading snippets of mmrope/train/README.md ("Export and loading"), each in a fresh
 process where torchvision cannot be imported: mmrope's `from_pretrained` path and stock transformers passing `mm_token_type_ids`. They must
@@ -25,13 +25,13 @@ from tests.readme import marked_block, run_readme_command, shell_commands
 
 pytestmark = pytest.mark.slow
 
-STEPS = 4
+STEPS = 3  # the fewest that tell "step 1 and the last" (log_every 10) from "every step": [1, 3] vs [1, 2, 3]
 NUM_RECORDS = 48
 SWEEP = Path("runs/sweeps/first")
 
 
 def fast(argv: list[str]) -> list[str]:
-    """The README command with 4 steps instead of 300 (also in the run folder names the export reads)."""
+    """The README command with STEPS steps instead of 300 (also in the run folder names the export reads)."""
     return [a.replace("trainer.max_steps=300", f"trainer.max_steps={STEPS}") for a in argv]
 
 

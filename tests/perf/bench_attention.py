@@ -26,13 +26,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from mmrope.attention import dipe_attention, packed_attention  # noqa: E402
 
 # name -> (kind, backend, inner_backend); availability is checked per device.
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -95,6 +94,9 @@ def make_inputs(
 
 
 def make_fn(variant: str, visual: torch.Tensor, doc_ids: torch.Tensor, scale: float) -> Callable:
+    # imported here: on CPU the parent only starts workers, and mmrope.attention costs ~1.5 s to import
+    from mmrope.attention import dipe_attention, packed_attention
+
     kind, backend, inner = VARIANTS[variant]
     if kind == "packed":
         return lambda q_dyn, q_sta, k, v: packed_attention(
@@ -144,27 +146,33 @@ def run_cpu(args: argparse.Namespace) -> None:
         f"{args.num_samples} samples/row, {args.threads} threads; peak = growth of max RSS during the call"
     )
     print(f"{'variant':<26}{'L':>7}{'time s':>10}{'peak MB':>10}")
-    for seq_len in args.lengths:
-        for variant in variants:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                variant,
-                "--lengths",
-                str(seq_len),
-                "--heads",
-                str(args.heads),
-                "--kv-heads",
-                str(args.kv_heads),
-                "--head-dim",
-                str(args.head_dim),
-                "--num-samples",
-                str(args.num_samples),
-                "--threads",
-                str(args.threads),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+
+    def measure(seq_len: int, variant: str) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--lengths",
+            str(seq_len),
+            "--heads",
+            str(args.heads),
+            "--kv-heads",
+            str(args.kv_heads),
+            "--head-dim",
+            str(args.head_dim),
+            "--num-samples",
+            str(args.num_samples),
+            "--threads",
+            str(args.threads),
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+
+    # --jobs > 1: measurements overlap, each still in its own process (its peak RSS is its own), their times
+    # share the cores (for smoke runs: the GPU check's dry run)
+    cases = [(seq_len, variant) for seq_len in args.lengths for variant in variants]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for (seq_len, variant), proc in zip(cases, pool.map(lambda c: measure(*c), cases)):
             if proc.returncode != 0:
                 print(f"{variant:<26}{seq_len:>7}  failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
@@ -268,6 +276,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="CPU: measurements run at once (times then share the cores)"
+    )
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

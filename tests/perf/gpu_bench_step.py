@@ -240,12 +240,18 @@ def baseline_batches(samples, tokens, micro, pad_id, device, dtype) -> list[dict
 
 
 def timed_steps(step_fn, steps: int, device: torch.device) -> tuple[float, float, float]:
-    """(first loss, mean seconds per step after one warm-up, peak memory GiB)."""
+    """(first loss, mean seconds per step after one warm-up, peak memory GiB). `steps=0` times the warm-up step
+    itself (a smoke run: every path runs once, its time includes first-call costs)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    tic = time.perf_counter()
     first = step_fn()
     times = []
+    if not steps:  # the warm-up step is the one timed
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - tic)
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -299,13 +305,13 @@ def parse_variant(spec: str) -> tuple[str, int, set[str]]:
     return mode, int(num or 0), modifiers
 
 
-def apply_variant(model, objective: SFTObjective, spec: str) -> None:
+def apply_variant(model, objective: SFTObjective, spec: str, compile_backend: str = "inductor") -> None:
     mode, num, modifiers = parse_variant(spec)
     apply_activation_checkpointing(
         model, mode, every=num if mode == "every_k" else 1, layers=num if mode == "first_n" else 0
     )
     if "compile" in modifiers:
-        compile_decoder(model)
+        compile_decoder(model, backend=compile_backend)
     objective.loss_backend = "liger" if "liger" in modifiers else "chunked"  # loss.backend
 
 
@@ -422,7 +428,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--micro", type=int, default=4, help="baseline samples per padded micro batch")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps per path (after one warm-up step); 0: time the warm-up step (smoke runs)",
+    )
     ap.add_argument(
         "--peak-tflops", type=float, default=989.0, help="per-device dense bf16 peak (H100/H200 SXM)"
     )
@@ -444,6 +455,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="mmrope path variants, in order: all | none | first_n=N | every_k=K, +compile, +liger "
         "(default on CUDA: all all+compile first_n=20+compile first_n=20+compile+liger; on CPU: all)",
+    )
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the +compile variants (a smoke run on CPU: aot_eager, no code generation)",
     )
     ap.add_argument(
         "--profile", action="store_true", help="kernel-time breakdown of the first and last variant"
@@ -530,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
         "supervised_tokens": num_sup,
         "baseline_padded_tokens": num_padded,
         "model_tflops_per_step": flops / 1e12,
+        "compile_backend": args.compile_backend,
     }
     if args.skip_baseline:
         results["baseline"] = {"error": "skipped (--skip-baseline)"}
@@ -570,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["variants"], results["profile"] = {}, {}
     for i, spec in enumerate(args.variants):
         try:
-            apply_variant(model, objective, spec)
+            apply_variant(model, objective, spec, args.compile_backend)
             loss, secs, peak = timed_steps(mmrope_step, args.steps, device)
         except (
             Exception
