@@ -21,6 +21,9 @@ inputs), recompiled once with a dynamic row length when the second length arrive
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,9 +50,15 @@ def _is_dense_swiglu(module: nn.Module | None) -> bool:
     )
 
 
-@torch.compile
-def _silu_mul(gate_LI: Tensor, up_LI: Tensor) -> Tensor:
+def _silu_mul_eager(gate_LI: Tensor, up_LI: Tensor) -> Tensor:
     return F.silu(gate_LI) * up_LI
+
+
+@functools.cache
+def _silu_mul() -> Callable[[Tensor, Tensor], Tensor]:
+    """The compiled product, made on first use: `torch.compile` imports Inductor's compiler (~1 s), which a run
+    without model.compile (every process that imports this module) should not pay."""
+    return torch.compile(_silu_mul_eager)
 
 
 class FusedSwiGLU(nn.Module):
@@ -63,7 +72,7 @@ class FusedSwiGLU(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = stock.gate_proj, stock.up_proj, stock.down_proj
 
     def forward(self, x_BLd: Tensor) -> Tensor:
-        return self.down_proj(_silu_mul(self.gate_proj(x_BLd), self.up_proj(x_BLd)))
+        return self.down_proj(_silu_mul()(self.gate_proj(x_BLd), self.up_proj(x_BLd)))
 
 
 def compile_decoder(model: nn.Module) -> list[str]:
