@@ -13,7 +13,6 @@ from mmrope.attention.dipe import (
     dipe_routed_qk,
     merge_attention_partials,
 )
-from mmrope.attention.kernels import TORCH_VARLEN, TORCH_VARLEN_REASON
 from mmrope.attention.masks import (
     causal_doc_mask,
     cu_seqlens_from_doc_ids,
@@ -54,3 +53,12 @@ __all__ = [
     "resolve_backend",
     "segment_attention",
 ]
+
+
+def __getattr__(name: str):
+    """TORCH_VARLEN and TORCH_VARLEN_REASON: found on first access (mmrope/attention/kernels.py says why)."""
+    if name in ("TORCH_VARLEN", "TORCH_VARLEN_REASON"):
+        from mmrope.attention import kernels
+
+        return getattr(kernels, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""torch's own varlen FlashAttention, found once at import and adapted to the installed torch's signature.
+"""torch's own varlen FlashAttention, found once (on first use) and adapted to the installed torch's signature.
 
 `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10) is FlashAttention-2 over packed tokens with `cu_seqlens`,
 forward and backward, shipped inside torch: nothing to compile, unlike the flash-attn package. Its keyword
@@ -12,10 +12,15 @@ arguments moved between releases, so they are read from the signature rather tha
 
 A signature with none of the causal forms disables the backend; the reason is kept in `TORCH_VARLEN_REASON`,
 `auto` then falls back, and naming `varlen` explicitly raises with that reason.
+
+`TORCH_VARLEN` / `TORCH_VARLEN_REASON` are looked up on first access (`torch_varlen()`): importing
+`torch.nn.attention.varlen` imports TorchDynamo (~0.8 s), which a process that never attends (a refused config,
+`train.py --help`) should not pay.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TORCH_VARLEN", "TORCH_VARLEN_REASON", "VarlenKernel", "adapt_varlen", "torch_varlen_attention"]
+# (and TORCH_VARLEN, TORCH_VARLEN_REASON, served by the module's __getattr__)
+__all__ = ["VarlenKernel", "adapt_varlen", "torch_varlen", "torch_varlen_attention"]
 
 
 @dataclass(frozen=True)
@@ -85,15 +91,23 @@ def adapt_varlen(fn: Callable) -> tuple[VarlenKernel | None, str]:
     return VarlenKernel(fn, causal, full, has_gqa="enable_gqa" in params, has_scale="scale" in params), ""
 
 
-def _find_torch_varlen() -> tuple[VarlenKernel | None, str]:
+@functools.cache
+def torch_varlen() -> tuple[VarlenKernel | None, str]:
+    """`(TORCH_VARLEN, TORCH_VARLEN_REASON)`: torch's kernel adapted, or None and why not."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # imports TorchDynamo: only where attention runs
     except ImportError:
         return None, f"torch {torch.__version__} has no torch.nn.attention.varlen (it needs torch >= 2.10)"
     return adapt_varlen(varlen_attn)
 
 
-TORCH_VARLEN, TORCH_VARLEN_REASON = _find_torch_varlen()
+def __getattr__(name: str):
+    """TORCH_VARLEN and TORCH_VARLEN_REASON, found on first access (module docstring)."""
+    if name == "TORCH_VARLEN":
+        return torch_varlen()[0]
+    if name == "TORCH_VARLEN_REASON":
+        return torch_varlen()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def torch_varlen_attention(
@@ -107,8 +121,7 @@ def torch_varlen_attention(
     causal: bool = True,
 ) -> Tensor:
     """Varlen attention with torch's kernel; raises ValueError saying why where this torch lacks one."""
-    if TORCH_VARLEN is None:
-        raise ValueError(
-            f"backend='varlen' is unavailable: {TORCH_VARLEN_REASON}; use 'auto' or 'sdpa_varlen'"
-        )
-    return TORCH_VARLEN(q_THD, k_THkvD, v_THkvD, cu_seqlens, max_seqlen, scale=scale, causal=causal)
+    kernel, reason = torch_varlen()
+    if kernel is None:
+        raise ValueError(f"backend='varlen' is unavailable: {reason}; use 'auto' or 'sdpa_varlen'")
+    return kernel(q_THD, k_THkvD, v_THkvD, cu_seqlens, max_seqlen, scale=scale, causal=causal)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmrope.attention.kernels import TORCH_VARLEN, torch_varlen_attention
+from mmrope.attention.kernels import torch_varlen, torch_varlen_attention
 from mmrope.attention.masks import (
     causal_doc_mask,
     cu_seqlens_from_doc_ids,
@@ -52,8 +52,8 @@ def resolve_backend(backend: str, q_BHLD: Tensor, *, dropout_p: float = 0.0) -> 
     if backend != "auto":
         return backend
     fast = (
-        TORCH_VARLEN is not None
-        and q_BHLD.is_cuda
+        q_BHLD.is_cuda
+        and torch_varlen()[0] is not None
         and q_BHLD.dtype in (torch.bfloat16, torch.float16)
         and q_BHLD.shape[-1] <= FLASH_MAX_HEAD_DIM
         and dropout_p == 0.0

@@ -2,6 +2,8 @@
 commit checkpoints at given steps, and dump what every step saw.
 
 usage: torchrun --nproc_per_node N elastic_worker.py OUT_DIR STEPS SAVE_AT override [override ...]
+                                                     [--then OUT_DIR STEPS SAVE_AT override ...]
+(`--then`: one more run after the first, in the same processes: start-up and imports are paid once per launch)
 Each rank writes OUT_DIR/rank_R.pt = {"start": first step, "steps": [{"step", "loss", "rows": {global row:
 sample keys}, "epochs": {global row: each sample's epoch}}], "params": {name: tensor}} (rows of this rank only;
 the test merges the ranks).
@@ -50,9 +52,16 @@ def run_steps(overrides: list[str], steps: int, save_at: list[int]) -> dict:
 
 
 def main() -> None:
-    out_dir, steps, save_at, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-    result = run_steps(overrides, steps, [int(x) for x in save_at.split(",") if x])
-    torch.save(result, out_dir / f"rank_{result['rank']}.pt")
+    jobs: list[list[str]] = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            jobs.append([])
+        else:
+            jobs[-1].append(arg)
+    for job in jobs:
+        out_dir, steps, save_at, overrides = Path(job[0]), int(job[1]), job[2], job[3:]
+        result = run_steps(overrides, steps, [int(x) for x in save_at.split(",") if x])
+        torch.save(result, out_dir / f"rank_{result['rank']}.pt")
 
 
 if __name__ == "__main__":

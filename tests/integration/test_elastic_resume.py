@@ -54,15 +54,21 @@ def _assert_exact_epochs(steps: list[dict], keys: set[str]) -> None:
         assert len(seen) == len(set(seen)) and set(seen) <= keys, f"epoch {e}"
 
 
-def _torchrun(out: Path, steps: int, save_at: str, overrides: list[str]) -> list[dict]:
-    out.mkdir(parents=True)
+def _torchrun(*jobs: tuple[Path, int, str, list[str]]) -> list[list[dict]]:
+    """The jobs (out folder, steps, save_at, overrides), one after another in one launch of 2 ranks; per job, what
+    each rank saw."""
+    args = []
+    for out, steps, save_at, overrides in jobs:
+        out.mkdir(parents=True)
+        args += ["--then"] if args else []
+        args += [str(out), str(steps), save_at, *overrides]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        str(ROOT / "tests/integration/elastic_worker.py"), str(out), str(steps), save_at, *overrides,
+        str(ROOT / "tests/integration/elastic_worker.py"), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [torch.load(out / f"rank_{r}.pt") for r in range(2)]
+    return [[torch.load(out / f"rank_{r}.pt") for r in range(2)] for out, *_ in jobs]
 
 
 def _in_process(steps: int, save_at: list[int], overrides: list[str]) -> list[dict]:
@@ -98,10 +104,21 @@ def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir, synthetic_shards):
     # 2 workers per rank (4 consumers on 2 ranks), one open row per slot: a record is trained on in the row it
     # was drawn for, so 2 rows per slot cover the first epoch.
     data = (f"data.shards=[{','.join(shards)}]", "data.num_workers=2", "data.num_open_rows=1")
-    # Uninterrupted references on both world sizes, each committing a checkpoint at step CUT.
-    two = _merged(_torchrun(tmp_path / "two", STEPS, str(CUT), _overrides(cache_dir, runs, "two", *data)))
+    # Uninterrupted references on both world sizes, each committing a checkpoint at step CUT. The 2-rank launch
+    # also runs the 1 -> 2 resume (checked below), after its reference: one launch of 2 ranks, not two.
     one_raw = _in_process(STEPS, [CUT], _overrides(cache_dir, runs, "one", *data))
     one = _merged(one_raw)
+    _continue_from(runs / "one", runs / "one_to_two", CUT)
+    two_raw, ranks = _torchrun(
+        (tmp_path / "two", STEPS, str(CUT), _overrides(cache_dir, runs, "two", *data)),
+        (
+            tmp_path / "one_to_two",
+            STEPS - CUT,
+            "",
+            _overrides(cache_dir, runs, "one_to_two", "trainer.resume=must", *data),
+        ),
+    )
+    two = _merged(two_raw)
     assert [s["step"] for s in two] == [s["step"] for s in one] == [1, 2, 3, 4]
     # The global rows of a step do not depend on the world size (2 rows per step: global rows 2s-2, 2s-1).
     for a, b in zip(two, one):
@@ -126,14 +143,7 @@ def test_resume_2_ranks_to_1_and_1_to_2(tmp_path, cache_dir, synthetic_shards):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {want['step']}"
     _assert_exact_epochs(two[:CUT] + _merged(resumed), keys)  # across the 2 -> 1 resume
 
-    # 1 rank -> 2: continue the 1-rank run's step-2 checkpoint on two ranks.
-    _continue_from(runs / "one", runs / "one_to_two", CUT)
-    ranks = _torchrun(
-        tmp_path / "one_to_two",
-        STEPS - CUT,
-        "",
-        _overrides(cache_dir, runs, "one_to_two", "trainer.resume=must", *data),
-    )
+    # 1 rank -> 2: the 1-rank run's step-2 checkpoint, continued on two ranks (in the launch above).
     assert [r["start"] for r in ranks] == [CUT, CUT]
     assert (runs / "one_to_two" / "checkpoints" / f"step_{CUT}" / "universal").is_dir()
     for got, want in zip(_merged(ranks), one[CUT:], strict=True):

@@ -12,11 +12,12 @@ trained (unmerged) model's logits in fp32 (<= 1e-5): in stock transformers for t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.test_zero_ranks import CUT, STEPS, run_ranks
+from tests.integration.test_zero_ranks import CUT, STEPS, launch
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +40,22 @@ RUNS = {
 }
 
 
+SP_RUN = "sp2_zero2_qwen2_5_vl_mrope"  # the ZeRO-2 run's settings as one sequence-parallel group of 2 ranks
+
+
+@pytest.fixture(scope="module")
+def lora_launch(tmp_path_factory, cache_dir) -> tuple[Path, dict[str, list[dict]]]:
+    """Both runs (each also resumed from step CUT) and the sequence-parallel one, in one launch of 2 ranks."""
+    tmp = tmp_path_factory.mktemp("lora")
+    runs = {name: (stage, extra, CUT) for name, (stage, extra) in RUNS.items()}
+    runs[SP_RUN] = (2, (*RUNS["zero2_qwen2_5_vl_mrope"][1], "trainer.sequence_parallel_size=2"), None)
+    return tmp / "runs", launch(tmp, cache_dir, runs)
+
+
 @pytest.fixture(scope="module", params=list(RUNS))
-def lora_run(request, tmp_path_factory, cache_dir):
-    stage, extra = RUNS[request.param]
-    tmp = tmp_path_factory.mktemp(request.param)
-    ranks = run_ranks(tmp, cache_dir, stage, *extra, resume_at=CUT)
-    return request.param, tmp / "runs" / f"zero{stage}" / "checkpoints", ranks
+def lora_run(request, lora_launch):
+    runs, ranks = lora_launch
+    return request.param, runs / request.param / "checkpoints", ranks[request.param]
 
 
 def test_only_adapters_train_and_resume_is_exact(lora_run):
@@ -173,7 +184,7 @@ def test_elastic_resume_of_an_adapter_checkpoint_on_one_rank(lora_run, cache_dir
     from tests.integration.test_zero_ranks import DATA_SEED
 
     runs = ckpts.parent.parent
-    _continue_from(runs / "zero2", runs / "one_rank", CUT)
+    _continue_from(runs / name, runs / "one_rank", CUT)
     overrides = tiny_overrides(
         cache_dir, runs, "deepspeed=zero2", "trainer.global_batch_size=2", "trainer.run_name=one_rank",
         "trainer.resume=must", "trainer.optim.lr=1e-2", DATA_SEED, *RUNS[name][1],
@@ -185,14 +196,14 @@ def test_elastic_resume_of_an_adapter_checkpoint_on_one_rank(lora_run, cache_dir
         torch.testing.assert_close(p, r0["params"][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_lora_under_sequence_parallelism_trains_what_data_parallel_lora_trains(lora_run, tmp_path, cache_dir):
+def test_lora_under_sequence_parallelism_trains_what_data_parallel_lora_trains(lora_run, lora_launch):
     """2 ranks as one sequence-parallel group (`trainer.sequence_parallel_size=2`) train the rows the 2-rank
     data-parallel LoRA run trains: the same losses, the same adapters after the steps (the adapters sit inside the
     projections, before the q/k/v exchange)."""
     name, _, (r0, _) = lora_run
     if not name.startswith("zero2"):
         pytest.skip("compared with the ZeRO-2 run")
-    sp0, sp1 = run_ranks(tmp_path, cache_dir, 2, *RUNS[name][1], "trainer.sequence_parallel_size=2")
+    sp0, sp1 = lora_launch[1][SP_RUN]
     assert sp0["losses"] == pytest.approx(sp1["losses"], rel=0, abs=1e-6)
     assert sp0["trainable"] == r0["trainable"]
     assert sp0["losses"] == pytest.approx(r0["losses"], rel=0, abs=5e-6)

@@ -7,6 +7,7 @@ to give every rank the same loss value.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,32 +29,33 @@ DEEPSPEED_CONFIGS = sorted(p.stem for p in (ROOT / "configs/deepspeed").glob("*.
 DATA_SEED = "data.seed=3"
 
 
-def run_ranks(
+def launch(
     tmp_path: Path,
     cache_dir: Path,
-    stage: int | str,
-    *extra: str,
+    runs: dict[str, tuple[int | str, tuple[str, ...], int | None]],
     nproc: int = 2,
-    resume_at: int | None = None,
-) -> list[dict]:
-    """`stage`: a ZeRO stage (`deepspeed=zero<stage>`) or a configs/deepspeed file name. With `resume_at`, the
-    ranks also continue a step-`resume_at` checkpoint in a second session (zero_worker.py)."""
-    name = stage if isinstance(stage, str) else f"zero{stage}"
-    out = tmp_path / name
-    out.mkdir()
+) -> dict[str, list[dict]]:
+    """One torchrun of `nproc` ranks that trains every run of `runs`, {name: (stage, extra overrides,
+    resume_at)}, one after another (zero_worker.py): process start-up, imports and DeepSpeed's communication set-up
+    are paid once per launch, not once per run. `stage`: a ZeRO stage (`deepspeed=zero<stage>`) or a
+    configs/deepspeed file name; with `resume_at`, the ranks also continue a step-`resume_at` checkpoint in a second
+    session. A run's folder is tmp_path/runs/<name>; returns {name: [rank 0's dump, rank 1's, ...]}."""
+    out = tmp_path / "ranks"
+    specs = {
+        name: {
+            "overrides": [f"deepspeed={stage if isinstance(stage, str) else f'zero{stage}'}", *extra],
+            "resume_at": resume_at,
+        }
+        for name, (stage, extra, resume_at) in runs.items()
+    }
     overrides = tiny_overrides(
         cache_dir,
         tmp_path / "runs",
-        f"deepspeed={name}",
         "trainer.global_batch_size=2",
-        f"trainer.run_name={name}",
         "trainer.resume=never",
         "trainer.optim.lr=1e-2",
         DATA_SEED,
-        *extra,
     )
-    if resume_at is not None:
-        overrides = [f"--resume-at={resume_at}", *overrides]
     cmd = [
         sys.executable,
         "-m",
@@ -64,28 +66,61 @@ def run_ranks(
         str(ROOT / "tests/integration/zero_worker.py"),
         str(out),
         str(STEPS),
+        json.dumps(specs),
         *overrides,
     ]
     env = clean_env()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [torch.load(out / f"rank_{r}.pt") for r in range(nproc)]
+    return {name: [torch.load(out / name / f"rank_{r}.pt") for r in range(nproc)] for name in runs}
 
 
-@pytest.fixture(scope="module")
-def zero2_ranks(tmp_path_factory, cache_dir) -> list[dict]:
-    """2 ranks, ZeRO-2, no sequence parallelism: shared by the tests below."""
-    return run_ranks(tmp_path_factory.mktemp("zero2"), cache_dir, 2, resume_at=CUT)
+def run_ranks(
+    tmp_path: Path,
+    cache_dir: Path,
+    stage: int | str,
+    *extra: str,
+    nproc: int = 2,
+    resume_at: int | None = None,
+) -> list[dict]:
+    """One run in a launch of its own (see `launch`), named after its DeepSpeed config."""
+    name = stage if isinstance(stage, str) else f"zero{stage}"
+    return launch(tmp_path, cache_dir, {name: (stage, extra, resume_at)}, nproc)[name]
 
 
 # ZeRO-3 runs as the paper's recipe does on GPUs: every LLM layer recomputed and `model.compile=true` (ZeRO-3 gathers
 # parameters in module hooks, which must stay outside compiled code; eager parity is tests/unit/model/test_compile.py).
 ZERO3_EXTRA = ("model.compile=true", "model.activation_checkpointing=all")
+BF16_EXTRA = ("trainer.precision=bf16", "model.attn_backend=auto")
+
+# Every 2-rank run of this file, in one launch (each is still a fresh session with its own model and engine):
+# zero2 and zero3 serve several tests; every shipped configs/deepspeed file (a new one is covered by being there),
+# ZeRO-2 with optimizer offload and offload under LoRA adapters (only the adapters train; DeepSpeed's CPU Adam
+# updates them) check training and exact resume; bf16 runs last, after the fp32 runs.
+TWO_RANK_RUNS: dict[str, tuple[int | str, tuple[str, ...], int | None]] = {
+    "zero2": (2, (), CUT),
+    "zero3": (3, ZERO3_EXTRA, CUT),
+    **{name: (name, (), CUT) for name in DEEPSPEED_CONFIGS if name not in ("zero2", "zero3")},
+    "zero2_offload_optimizer": (2, ("deepspeed.offload_optimizer=true",), CUT),
+    "zero3_offload_lora": ("zero3_offload", ("adapter=lora",), CUT),
+    "bf16": (2, BF16_EXTRA, None),
+}
 
 
 @pytest.fixture(scope="module")
-def zero3_ranks(tmp_path_factory, cache_dir) -> list[dict]:
-    return run_ranks(tmp_path_factory.mktemp("zero3"), cache_dir, 3, *ZERO3_EXTRA, resume_at=CUT)
+def two_rank_runs(tmp_path_factory, cache_dir) -> dict[str, list[dict]]:
+    return launch(tmp_path_factory.mktemp("ranks"), cache_dir, TWO_RANK_RUNS)
+
+
+@pytest.fixture(scope="module")
+def zero2_ranks(two_rank_runs) -> list[dict]:
+    """2 ranks, ZeRO-2, no sequence parallelism: shared by the tests below."""
+    return two_rank_runs["zero2"]
+
+
+@pytest.fixture(scope="module")
+def zero3_ranks(two_rank_runs) -> list[dict]:
+    return two_rank_runs["zero3"]
 
 
 @pytest.mark.parametrize("stage,extra", [(2, ()), (3, ZERO3_EXTRA)])
@@ -122,12 +157,12 @@ def test_ranks_agree_and_freeze_policy_holds(request, stage, extra):
     assert llm and all(llm), "LLM layers did not train"
 
 
-def test_bf16_proxy_of_the_gpu_path(tmp_path, cache_dir):
+def test_bf16_proxy_of_the_gpu_path(two_rank_runs):
     """The GPU's dtype path, on CPU: 2 ranks, ZeRO-2, DeepSpeed bf16 (bf16 module, fp32 master weights in the
     ZeRO optimizer), `attn_backend=auto`. DeepSpeed's CPU accelerator supports bf16, so this is the real bf16 engine,
     not a simulation; only the attention kernel differs from a GPU run (per-sample SDPA here, varlen FlashAttention
     there). Dtype mistakes (an fp32 tensor meeting bf16 weights, a loss in the wrong precision) fail here first."""
-    r0, r1 = run_ranks(tmp_path, cache_dir, 2, "trainer.precision=bf16", "model.attn_backend=auto")
+    r0, r1 = two_rank_runs["bf16"]
     assert r0["dtypes"] == r1["dtypes"] == ["torch.bfloat16"]
     losses = torch.tensor(r0["losses"])
     assert torch.isfinite(losses).all()
@@ -159,20 +194,18 @@ def test_data_parallel_2_x_sequence_parallel_2_equals_2_ranks_without_sp(tmp_pat
     assert moved > 1e-2, "the parameters barely moved: the comparison above would prove nothing"
 
 
-# Every shipped configs/deepspeed file (a new one is covered by being there), ZeRO-2 with optimizer offload, and
-# offload under LoRA adapters (only the adapters train; the CPU Adam updates them).
-# zero2 and zero3 reuse the launches above; the offload ones run DeepSpeed's CPU Adam (engine.make_optimizer).
-@pytest.mark.parametrize(
-    "config,extra",
-    [(name, ()) for name in DEEPSPEED_CONFIGS]
-    + [("zero2", ("deepspeed.offload_optimizer=true",)), ("zero3_offload", ("adapter=lora",))],
-    ids=[*DEEPSPEED_CONFIGS, "zero2+offload_optimizer", "zero3_offload+lora"],
-)
-def test_deepspeed_config_trains_2_ranks_and_resumes_exactly(request, tmp_path, cache_dir, config, extra):
-    if config in ("zero2", "zero3") and not extra:
-        r0, r1 = request.getfixturevalue(f"{config}_ranks")
-    else:
-        r0, r1 = run_ranks(tmp_path, cache_dir, config, *extra, resume_at=CUT)
+# The runs of TWO_RANK_RUNS that check training and exact resume, by their former test ids.
+CONFIG_RUNS = {
+    **{name: name for name in DEEPSPEED_CONFIGS},
+    "zero2+offload_optimizer": "zero2_offload_optimizer",
+    "zero3_offload+lora": "zero3_offload_lora",
+}
+
+
+@pytest.mark.parametrize("run", list(CONFIG_RUNS.values()), ids=list(CONFIG_RUNS))
+def test_deepspeed_config_trains_2_ranks_and_resumes_exactly(two_rank_runs, run):
+    r0, r1 = two_rank_runs[run]
+    config, extra, _ = TWO_RANK_RUNS[run]
     losses = torch.tensor(r0["losses"])
     assert torch.isfinite(losses).all() and len(set(r0["losses"])) == STEPS, r0["losses"]
     assert r0["losses"] == pytest.approx(r1["losses"], rel=0, abs=1e-6)
@@ -187,11 +220,9 @@ def test_deepspeed_config_trains_2_ranks_and_resumes_exactly(request, tmp_path, 
     # it as pow(beta, t) after a load (csrc/includes/cpu_adam.h IncrementStep): the bias correction of the first
     # update after a resume differs in the last bit, and so do parameters in the last bits of that update (lr 1e-2:
     # measured <= 7e-9 absolute).
-    offload = "offload" in config or any("offload" in e for e in extra)
+    offload = "offload" in str(config) or any("offload" in e for e in extra)
     for r in (r0, r1):
         assert r["resumed_losses"] == r["losses"][CUT:]
         for name, p in r["params"].items():
             tol = dict(rtol=1e-6, atol=1e-8) if offload else dict(rtol=0, atol=0)
-            torch.testing.assert_close(
-                r["resumed_params"][name], p, **tol, msg=f"{config}: {name} after resume"
-            )
+            torch.testing.assert_close(r["resumed_params"][name], p, **tol, msg=f"{run}: {name} after resume")

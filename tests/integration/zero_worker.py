@@ -1,14 +1,18 @@
 """Run by torchrun from tests: a few training steps under ZeRO, then each rank dumps its view of the run.
 
-usage: torchrun --nproc_per_node 2 zero_worker.py OUT_DIR STEPS [--resume-at=N] override [override ...]
-Each rank writes OUT_DIR/rank_R.pt = {"losses": [...], "params": {name: full fp32 tensor}, "initial": {...},
-"compiled": [module names that model.compile compiled], ...}.
+usage: torchrun --nproc_per_node 2 zero_worker.py OUT_DIR STEPS RUNS override [override ...]
+RUNS is JSON, {name: {"overrides": [...], "resume_at": N or null}}: the runs, one after another in the same
+processes (start-up, imports and the process group are paid once per launch, not per run), each with the common
+overrides, then its own, then `trainer.run_name=<name>`. For each run, each rank writes OUT_DIR/<name>/rank_R.pt =
+{"losses": [...], "params": {name: full fp32 tensor}, "initial": {...}, "compiled": [module names that
+model.compile compiled], ...}.
 
-With `--resume-at=N` the run also commits a checkpoint at step N, and after its STEPS steps a second session in
-the same processes resumes that checkpoint (`trainer.resume=must`) and trains to STEPS again: its losses and
-final parameters are saved as "resumed_losses" / "resumed_params" (exact resume: 0->STEPS == 0->N->STEPS).
+With `resume_at` N the run also commits a checkpoint at step N, and after its STEPS steps a second session in the
+same processes resumes that checkpoint (`trainer.resume=must`) and trains to STEPS again: its losses and final
+parameters are saved as "resumed_losses" / "resumed_params" (exact resume: 0->STEPS == 0->N->STEPS).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -87,11 +91,7 @@ def compose_cfg(overrides: list[str]):
         return validate(compose("train", overrides=overrides))
 
 
-def main() -> None:
-    out_dir, steps, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    resume_at = None
-    if overrides and overrides[0].startswith("--resume-at="):
-        resume_at, overrides = int(overrides[0].split("=", 1)[1]), overrides[1:]
+def run(out_dir: Path, steps: int, overrides: list[str], resume_at: int | None) -> None:
     cfg = compose_cfg(overrides)
     s = build_session(cfg)
     module = s.engine.module.vlm
@@ -135,7 +135,15 @@ def main() -> None:
             f.stat().st_size for f in (resumed.ckpt.dir / f"step_{resume_at}").rglob("*") if f.is_file()
         )
         resumed.metrics.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(out, out_dir / f"rank_{s.dist.rank}.pt")
+
+
+def main() -> None:
+    out_dir, steps, runs, common = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4:]
+    for name, spec in runs.items():
+        overrides = [*common, *spec["overrides"], f"trainer.run_name={name}"]
+        run(out_dir / name, steps, overrides, spec["resume_at"])
 
 
 if __name__ == "__main__":
