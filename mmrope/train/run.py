@@ -215,6 +215,29 @@ def install_encoding(model: torch.nn.Module, encoding, cfg: TrainConfig) -> None
         if not any(h in str(e) for h in encoding.hparams):
             raise
         raise rope_hparams_error(e, cfg.rope.name, cfg.rope.hparams) from e
+    if cfg.model.kind == "pretrained":
+        start_from_exported_planes(model, encoding, Path(cfg.model.path))
+
+
+def start_from_exported_planes(model: torch.nn.Module, encoding, path: Path) -> None:
+    """A base model that is an mmrope export of this same encoding (name and hyperparameters) brings the
+    encoding's learned parameters (GRAPE's planes, `mmrope.pretrained.ROTARY_FILE`): continued training starts
+    from them, not from a fresh init. An export of another encoding's has nothing that applies (said once)."""
+    from mmrope.pretrained import ROTARY_FILE, load_rotary, read_encoding_file
+
+    if not (path / ROTARY_FILE).is_file():
+        return
+    meta = read_encoding_file(path)
+    if (
+        meta["name"] == encoding.name
+        and build_encoding(meta["name"], **meta["hparams"]).hparams == encoding.hparams
+    ):
+        load_rotary(model, path)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"note: model.path {str(path)!r} holds learned parameters of {meta['name']} {meta['hparams']}; "
+            f"this run's encoding ({encoding.name} {encoding.hparams}) starts from its own init"
+        )
 
 
 def start_engine(cfg: TrainConfig, d: Dist, objective, ckpt: CheckpointManager, plan: ResumePlan, status):

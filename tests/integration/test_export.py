@@ -140,9 +140,14 @@ def test_learned_grape_planes_survive_export(tmp_path, cache_dir):
     writes them beside it and `mmrope.from_pretrained` loads them (same logits as training); without the file
     the load is refused rather than run with untrained planes."""
     import mmrope
+    from mmrope.encodings import build as build_encoding
+    from mmrope.model.build import build_model
     from mmrope.model.install import seam_kwargs, text_model
     from mmrope.pretrained import ROTARY_FILE
     from mmrope.train.export import main
+    from mmrope.train.run import install_encoding
+    from tests.conftest import tiny_overrides
+    from tests.integration.test_checkpoint import compose_cfg
 
     s = session(
         cache_dir,
@@ -180,6 +185,28 @@ def test_learned_grape_planes_survive_export(tmp_path, cache_dir):
     with torch.no_grad():
         logits = model.lm_head(model.model(**inputs, **packing).last_hidden_state)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+    # the export as the base of a new run: the same encoding continues from the trained planes, another starts
+    # from its own init
+    for hparams, continues in (
+        ("rope.hparams.grape_mode=axis", True),
+        ("rope.hparams.grape_mode=axis rope.hparams.rope_init=false", False),
+    ):
+        cfg = compose_cfg(
+            tiny_overrides(
+                cache_dir,
+                tmp_path,
+                "rope=grape",
+                *hparams.split(),
+                "model.kind=pretrained",
+                f"model.path={out}",
+            )
+        )
+        base = build_model(cfg.model, seed=0)
+        install_encoding(base, build_encoding(cfg.rope.name, **cfg.rope.hparams), cfg)
+        started = dict(text_model(base).rotary_emb.rotary.named_parameters())
+        same = all(torch.equal(started[n], trained[n]) for n in trained)
+        assert same is continues, hparams
 
     (out / ROTARY_FILE).unlink()
     with pytest.raises(ValueError, match=ROTARY_FILE):
