@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.integration.test_zero_ranks import CUT, STEPS, launch
+from tests.integration.zero_worker import seam_logits
 
 pytestmark = pytest.mark.slow
 
@@ -91,28 +92,6 @@ def test_only_adapters_train_and_resume_is_exact(lora_run):
     assert r0["checkpoint_bytes"] < 0.5 * base_bytes, (r0["checkpoint_bytes"], base_bytes)
 
 
-def _seam_logits(model, batch: dict) -> torch.Tensor:
-    from mmrope.model.install import seam_kwargs
-
-    static = batch.get("static_position_ids")
-    with torch.no_grad():
-        hidden = model.model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch.get("pixel_values"),
-            image_grid_thw=batch.get("image_grid_thw"),
-            pixel_values_videos=batch.get("pixel_values_videos"),
-            video_grid_thw=batch.get("video_grid_thw"),
-            use_cache=False,
-            **seam_kwargs(
-                cu_seqlens=batch["cu_seqlens"],
-                static_position_ids=static,
-                visual_mask_BL=batch.get("visual_mask") if static is not None else None,
-            ),
-        ).last_hidden_state
-        return model.lm_head(hidden)
-
-
 def _stock_logits(model, batch: dict) -> torch.Tensor:
     """Stock transformers on a packed row: a per-sample text index as position row 0 (it derives the block-
     diagonal causal mask from it), then the 3 M-RoPE rows (as tests/integration/test_export.py)."""
@@ -147,7 +126,7 @@ def test_merged_and_adapter_only_exports_compute_the_trained_model(lora_run, tmp
     # The merged export, through mmrope (the encoding installed from mmrope_encoding.json): the trained logits.
     model, _ = mmrope.from_pretrained(merged)
     assert not any(".lora_" in n or "base_layer" in n for n, _ in model.named_parameters()), "not merged"
-    torch.testing.assert_close(_seam_logits(model.float().eval(), batch), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(seam_logits(model.float().eval(), batch), expected, rtol=0, atol=atol)
 
     # The adapter folder on its base export, with PEFT (base/ names it in adapter_config.json).
     from peft import PeftModel
@@ -169,7 +148,7 @@ def test_merged_and_adapter_only_exports_compute_the_trained_model(lora_run, tmp
     else:  # VideoRoPE + DIPE: the base export loads through mmrope (encoding installed), PEFT on top
         base, _ = mmrope.from_pretrained(adapter / "base")
         peft = PeftModel.from_pretrained(base.float(), adapter).eval()
-        torch.testing.assert_close(_seam_logits(peft.base_model.model, batch), expected, rtol=0, atol=atol)
+        torch.testing.assert_close(seam_logits(peft.base_model.model, batch), expected, rtol=0, atol=atol)
 
 
 def test_elastic_resume_of_an_adapter_checkpoint_on_one_rank(lora_run, cache_dir):

@@ -37,20 +37,14 @@ def full_params(module: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in params.items()}
 
 
-def probe_logits(s) -> dict:
-    """The trained model's fp32 logits on one more packed row, through the training seam (installed encoding,
-    DIPE inputs, packing as cu_seqlens; adapters unmerged), and that row as the model's inputs."""
-    from data.pixels import to_device
+def seam_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of a packed row (a collated batch) through the training seam: the installed encoding, DIPE inputs,
+    packing as cu_seqlens."""
     from mmrope.model.install import seam_kwargs
 
-    # Every rank forwards rank 0's row: under ZeRO-3 the ranks must run the same modules (gathers in lockstep).
-    row = [next(s.trainer.rows)]
-    torch.distributed.broadcast_object_list(row, src=0)
-    batch = to_device(row[0], s.dist.device)
-    vlm = s.engine.module.vlm
-    vlm.eval()
+    static = batch.get("static_position_ids")
     with torch.no_grad():
-        hidden = vlm.model(
+        hidden = model.model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values"),
@@ -60,13 +54,25 @@ def probe_logits(s) -> dict:
             use_cache=False,
             **seam_kwargs(
                 cu_seqlens=batch["cu_seqlens"],
-                static_position_ids=batch.get("static_position_ids"),
-                visual_mask_BL=batch.get("visual_mask")
-                if batch.get("static_position_ids") is not None
-                else None,
+                static_position_ids=static,
+                visual_mask_BL=batch.get("visual_mask") if static is not None else None,
             ),
         ).last_hidden_state
-        logits = vlm.lm_head(hidden).float()
+        return model.lm_head(hidden)
+
+
+def probe_logits(s) -> dict:
+    """The trained model's fp32 logits on one more packed row, through the training seam (installed encoding,
+    DIPE inputs, packing as cu_seqlens; adapters unmerged), and that row as the model's inputs."""
+    from data.pixels import to_device
+
+    # Every rank forwards rank 0's row: under ZeRO-3 the ranks must run the same modules (gathers in lockstep).
+    row = [next(s.trainer.rows)]
+    torch.distributed.broadcast_object_list(row, src=0)
+    batch = to_device(row[0], s.dist.device)
+    vlm = s.engine.module.vlm
+    vlm.eval()
+    logits = seam_logits(vlm, batch).float()
     vlm.train()
     keep = (
         "input_ids",
