@@ -21,12 +21,11 @@ from pathlib import Path
 
 from data import index as shard_index
 from data.loader import PackedRowStream, ResumableLoader
-from data.processing import SampleProcessor
+from data.processing import SampleError
 from data.processor import build_tiny_processor
 from data.synthetic import corpus
-from data.video import QWEN_VIDEO
-from mmrope.encodings import build
 from tests.perf.llava_like import build as build_shards
+from tests.perf.llava_like import real_resolution_processor
 
 GIB = 1 << 30
 
@@ -91,25 +90,23 @@ def main() -> None:
             tic = time.perf_counter()
             shards = build_shards(root, args.num_samples, processor=str(root / "proc"))
             print(f"generated + converted {args.num_samples} samples: {time.perf_counter() - tic:.0f} s")
-        proc = SampleProcessor(
-            processor,
-            build("mrope"),
-            max_tokens=args.max_tokens,
-            layout="qwen2_5",
-            video=QWEN_VIDEO,
-            pixels="uint8",
-        )
-        # Packing planned from the indexes' token counts (nothing decoded).
-        lengths = []
+        proc = real_resolution_processor(processor, args.max_tokens)
+        # Packing planned from the token counts the loader plans with (the index's, else the record's JSON and
+        # media sizes: an index written by the converter holds no counts for this processor); nothing decoded.
+        planner = PackedRowStream(shards, proc, max_tokens=args.max_tokens, seed=0)
+        lengths, ok = 0, []
         for url in shards:
-            idx = shard_index.load_or_build(url, planner=proc)
-            lengths += [r["num_tokens"][proc.fingerprint] for r in idx.records]
-        ok = [n for n in lengths if isinstance(n, int) and n <= args.max_tokens]
+            for i in range(len(planner.index(url))):
+                lengths += 1
+                try:
+                    ok.append(planner.plan_tokens(url, i))
+                except SampleError:  # too long or unplannable: the loader skips it too
+                    continue
         rng = random.Random(0)
         resampled = [rng.choice(ok) for _ in range(20_000)]
         num_rows = shard_index.plan_rows(resampled, args.max_tokens)
         print(
-            f"data: {len(shards)} shards, {len(lengths)} samples, mean {sum(ok) / len(ok):.0f} tokens, max {max(ok)}; "
+            f"data: {len(shards)} shards, {lengths} records ({len(ok)} trainable), mean {sum(ok) / len(ok):.0f} tokens, max {max(ok)}; "
             f"packing planned from the index (20k resampled lengths, 8 open rows): "
             f"{sum(resampled) / (num_rows * args.max_tokens):.2%} of {num_rows} rows x {args.max_tokens}"
         )

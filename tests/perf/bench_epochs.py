@@ -25,11 +25,9 @@ import torch
 from data import index as shard_index
 from data import loader as loader_module
 from data.loader import PackedRowStream, ResumableLoader
-from data.processing import SampleProcessor
 from data.processor import build_tiny_processor, load_processor
 from data.synthetic import corpus, write_synthetic_shards
-from data.video import QWEN_VIDEO
-from mmrope.encodings import build
+from tests.perf.llava_like import real_resolution_processor
 
 
 def main() -> None:
@@ -98,14 +96,7 @@ def main() -> None:
             root = Path(args.data)
             processor = load_processor(root / "proc")
             shards = sorted(str(p) for p in (root / "shards").glob("shard-*.tar"))
-        proc = SampleProcessor(
-            processor,
-            build("mrope"),
-            max_tokens=args.max_tokens,
-            layout="qwen2_5",
-            video=QWEN_VIDEO,
-            pixels="uint8",
-        )
+        proc = real_resolution_processor(processor, args.max_tokens)
         kw = {"max_tokens": args.max_tokens, "seed": 0, "index_cache_dir": tmp}
         if args.vit_balance is not None:
             kw["vit_balance"] = args.vit_balance or None

@@ -25,6 +25,18 @@ WORDS = (
 ).split()
 
 
+def real_resolution_processor(processor, max_tokens: int):
+    """The SampleProcessor the data benchmarks read this set with: MRoPE positions, Qwen2.5-VL layout and video
+    sampling, uint8 pixels (expanded on the device), as `data=shards` trains."""
+    from data.processing import SampleProcessor
+    from data.video import QWEN_VIDEO
+    from mmrope.encodings import build
+
+    return SampleProcessor(
+        processor, build("mrope"), max_tokens=max_tokens, layout="qwen2_5", video=QWEN_VIDEO, pixels="uint8"
+    )
+
+
 def photo(rng: random.Random, w: int, h: int) -> Image.Image:
     nprng = np.random.default_rng(rng.randrange(1 << 30))
     blobs = Image.fromarray(
