@@ -303,11 +303,9 @@ class CheckpointManager:
             torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(manifest["world_size"])
         ]
         data = merge_states([s.get("data") for s in states])
-        skipped, skipped_shards, skipped_records = {}, {}, {}
+        skipped_shards, skipped_records = {}, {}
         for s in states:
             skipped_records.update(s.get("skipped_records", {}))
-            for k, v in s.get("skipped", {}).items():
-                skipped[k] = skipped.get(k, 0) + v
             for url, reasons in s.get("skipped_shards", {}).items():
                 mine = skipped_shards.setdefault(url, {})
                 for k, v in reasons.items():
@@ -317,12 +315,19 @@ class CheckpointManager:
             "step": states[0]["step"],
             "tokens_seen": states[0].get("tokens_seen", 0),
             "nonfinite_skips": states[0].get("nonfinite_skips", 0),
-            "epochs": {
-                k: max(s.get("epochs", {}).get(k, 0) for s in states) for k in states[0].get("epochs", {})
-            },
+            "samples": _summed([s.get("samples", {}) for s in states]) if first else {},
             "records": sum(s.get("records", 0) for s in states) if first else 0,
-            "skipped": skipped if first else {},
+            "skipped": _summed([s.get("skipped", {}) for s in states]) if first else {},
             "skipped_shards": skipped_shards if first else {},
             "skipped_records": skipped_records,  # a set (by record): the same on every rank
             "data": data,
         }
+
+
+def _summed(counts: list[dict]) -> dict:
+    """Per-key sums of per-rank counters (a resized resume hands them to one rank)."""
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out

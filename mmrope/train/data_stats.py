@@ -1,5 +1,5 @@
 """What the training rows say about the data they came from: records read, skips by reason and by shard, the
-skipped records by identity, the epoch of the oldest records. Saved with each rank's checkpoint state."""
+skipped records by identity, the epochs trained. Saved with each rank's checkpoint state."""
 
 from __future__ import annotations
 
@@ -32,9 +32,12 @@ class DataStats:
     """This rank's data accounting, which travels with the rows (data/loader.py). The reports gather every
     rank's view: every rank must call them."""
 
-    def __init__(self, num_readable: int | None = None, per_source_epochs: bool = False):
+    def __init__(self, num_readable: int | None = None, per_source_epochs: bool = False, sp_size: int = 1):
         self.num_readable = num_readable  # records in the readable shards: what skips are out of
+        self.source_records: list[int] | None = None  # readable records per source: what an epoch is
         self.per_source_epochs = per_source_epochs  # a mixture: `data/epoch/<i>` per source
+        # The ranks of a sequence-parallel group read the same rows: every global count is divided by this.
+        self.sp_size = sp_size
         self.records = 0
         self.skipped: Counter = Counter()  # this rank's skipped records by reason (since the run began)
         self.skipped_shards: dict[str, Counter] = {}  # ... and by shard
@@ -44,9 +47,11 @@ class DataStats:
         self.skipped_records: dict[str, str] = {}
         self._new_skipped: dict[str, str] = {}
         self._skips_reported = 0  # distinct skipped records at the last console line
-        # Per source: the epoch (0 = the first pass) of the oldest records of a step, the highest so far on this
-        # rank (a row may hold the end of one epoch and the start of the next: the epoch is the one being ended).
-        self.epochs: dict[int, int] = {}
+        # Per source: the samples this rank trained on (records once per row they were packed into). Epochs are
+        # those over all ranks divided by the source's readable records: how many times the data was trained on.
+        # (The epoch a row's records were drawn in says less: on small data one row spans several epochs.)
+        self.samples: Counter = Counter()
+        self.last_epoch: float | None = None  # data/epoch as of the last log step (the progress bar shows it)
 
     def state_dict(self) -> dict:
         """The keys of a checkpoint's rank_N.pt (mmrope/train/checkpoint.py merges them on a resize)."""
@@ -55,13 +60,13 @@ class DataStats:
             "skipped": dict(self.skipped),
             "skipped_shards": {url: dict(c) for url, c in self.skipped_shards.items()},
             "skipped_records": {**self.skipped_records, **self._new_skipped},
-            "epochs": dict(self.epochs),  # for data/epoch
+            "samples": dict(self.samples),  # for data/epoch
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Tolerant of checkpoints that predate a key (it starts empty)."""
         self.records = state.get("records", 0)
-        self.epochs = dict(state.get("epochs", {}))
+        self.samples = Counter(state.get("samples", {}))
         self.skipped = Counter(state.get("skipped", {}))
         self.skipped_shards = {url: Counter(c) for url, c in state.get("skipped_shards", {}).items()}
         self.skipped_records = dict(state.get("skipped_records", {}))
@@ -69,14 +74,9 @@ class DataStats:
         self._skips_reported = len(self.skipped_records)
 
     def account(self, rows: list[dict]) -> None:
-        """Add one step's rows: the epochs of their oldest records, records read, skips, skipped records."""
-        oldest: dict[int, int] = {}
+        """Add one step's rows: samples per source, records read, skips, skipped records."""
         for r in rows:
-            for epoch, source in zip(r.get("sample_epochs", ()), r.get("sample_sources", ())):
-                oldest[source] = min(epoch, oldest.get(source, epoch))
-        for source, epoch in oldest.items():
-            self.epochs[source] = max(epoch, self.epochs.get(source, epoch))
-        for r in rows:
+            self.samples.update(r.get("sample_sources", ()))
             self.records += r.get("records", 0)
             self.skipped.update(r.get("skipped", {}))
             for url, reasons in r.get("skipped_shards", {}).items():
@@ -85,22 +85,20 @@ class DataStats:
                 if key not in self.skipped_records:
                     self._new_skipped[key] = reason
 
-    @property
-    def epoch(self) -> int | None:
-        """This rank's epoch of the first source, counting from 1 (the progress bar)."""
-        return self.epochs[0] + 1 if 0 in self.epochs else None
-
     def epoch_report(self) -> dict:
-        """`data/epoch`: the pass over the data (counting from 1) that the steps' oldest records come from, never
-        decreasing, over all ranks; a mixture adds `data/epoch/<i>` per source (each source cycles its own
-        epochs)."""
-        epochs: dict[int, int] = {}
-        for mine in _all_gather(self.epochs):
-            for source, epoch in mine.items():
-                epochs[source] = max(epoch, epochs.get(source, epoch))
-        out = {"data/epoch": epochs[0] + 1} if 0 in epochs else {}
+        """`data/epoch`: the epochs trained so far, over all ranks, samples of the first source / its readable
+        records (2.5: every record trained on 2.5 times on average; a skipped record counts as not trained); a
+        mixture adds `data/epoch/<i>` per source (each source cycles its own epochs). Every rank must call it."""
+        samples: Counter = Counter()
+        for mine in _all_gather(dict(self.samples)):
+            samples.update(mine)
+        if not self.source_records:
+            return {}
+        epochs = {s: samples[s] / self.sp_size / n for s, n in enumerate(self.source_records) if n}
+        self.last_epoch = round(epochs[0], 2) if 0 in epochs else None
+        out = {"data/epoch": self.last_epoch} if self.last_epoch is not None else {}
         if self.per_source_epochs:
-            out.update({f"data/epoch/{s}": e + 1 for s, e in sorted(epochs.items())})
+            out.update({f"data/epoch/{s}": round(e, 2) for s, e in sorted(epochs.items())})
         return out
 
     def _global_skips(self) -> tuple[int, Counter, dict[str, Counter]]:
@@ -115,6 +113,10 @@ class DataStats:
                 shards.setdefault(url, Counter()).update(c)
             self.skipped_records.update(new)
         self._new_skipped = {}
+        if self.sp_size > 1:  # each row was counted by every rank of its group
+            records //= self.sp_size
+            reasons = Counter({k: v // self.sp_size for k, v in reasons.items()})
+            shards = {u: Counter({k: v // self.sp_size for k, v in c.items()}) for u, c in shards.items()}
         return records, reasons, shards
 
     def skip_report(self, step: int, log: Callable[[str], None]) -> dict:

@@ -51,7 +51,7 @@ class Trainer:
         self.step = start_step
         self.accum = cfg.grad_accum_steps(d.world_size)
         # records read, skips, epochs: from the rows (num_readable is set by the session once the data is open)
-        self.data_stats = DataStats(per_source_epochs=len(cfg.data.mixture) > 1)
+        self.data_stats = DataStats(per_source_epochs=len(cfg.data.mixture) > 1, sp_size=d.sp_size)
         self.tokens_seen = 0
         self.nonfinite_skips = 0  # steps dropped under trainer.on_nonfinite=skip (saved with the checkpoint)
         self.preemption: PreemptionFlag | None = None  # installed by train()
@@ -92,7 +92,7 @@ class Trainer:
             first = loss if first is None else first
             last = loss
             lr = self.engine.get_lr()[0]
-            self.metrics.progress(self.step, loss, lr, epoch=self.data_stats.epoch)
+            self.metrics.progress(self.step, loss, lr, epoch=self.data_stats.last_epoch)
             step_time = time.perf_counter() - tic
             # Every rank evaluates (same rows, ZeRO-3 gathers in lockstep); logged in this step's record.
             evals = self.evaluator.maybe_run(self.step) if self.evaluator is not None else {}

@@ -137,7 +137,7 @@ class Metrics:
                 self._late_axis = True
             self.run.log({**values, "bench/checkpoint_step": checkpoint_step}, step=current_step)
 
-    def progress(self, step: int, loss: float, lr: float, epoch: int | None = None) -> None:
+    def progress(self, step: int, loss: float, lr: float, epoch: float | None = None) -> None:
         if self.enabled and self.bar is None:
             self.bar = tqdm(**self._bar_args)
         if self.bar is not None:

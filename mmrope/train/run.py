@@ -348,6 +348,7 @@ def build_session(cfg: TrainConfig, record: DictConfig | None = None) -> Session
     trainer = Trainer(cfg, d, engine, rows, ckpt, metrics, plan.fingerprint)
     trainer.load_state_dict(rank_state)
     trainer.data_stats.num_readable = sum(stream.lengths.values())  # records of the readable shards
+    trainer.data_stats.source_records = list(stream.num_records)  # per source: what one epoch is
     session = Session(cfg, d, model, engine, trainer, ckpt, metrics, processor, start_step)
     report_start(session, plan, parallel, stream)
     trainer.throughput = measure_throughput(cfg, d, model, metrics.print)

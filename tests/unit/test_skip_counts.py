@@ -63,13 +63,32 @@ def test_the_stats_resume_from_their_state(tmp_path):
     before = DataStats(num_readable=9)
     before.account(rows)
     state = before.state_dict()
-    assert set(state) == {"records", "skipped", "skipped_shards", "skipped_records", "epochs"}
+    assert set(state) == {"records", "skipped", "skipped_shards", "skipped_records", "samples"}
     after = DataStats(num_readable=9)
     after.load_state_dict(state)
-    assert after.state_dict() == state and after.epoch == 2
+    assert after.state_dict() == state
     lines = []
     assert after.skip_report(5, lines.append) == before.skip_report(5, lambda _: None)
     assert not lines  # the resumed record was reported before the checkpoint: no new line
+    after.account(rows)  # one more step: 4 samples of a 3-record source
+    after.source_records = [3]
+    assert after.epoch_report() == {"data/epoch": round(4 / 3, 2)} and after.last_epoch == round(4 / 3, 2)
     empty = DataStats()
     empty.load_state_dict({})  # a checkpoint that predates the keys
-    assert empty.state_dict()["records"] == 0 and empty.epoch is None
+    assert empty.state_dict()["records"] == 0 and empty.last_epoch is None and empty.epoch_report() == {}
+
+
+def test_epochs_are_samples_trained_per_readable_record_and_a_sp_group_counts_once():
+    """4 rows of 3 samples each from a 2-source mixture (sources of 4 and 2 records): the first source is trained
+    on 8 times out of 4 records (2 epochs), the second 4 times out of 2 (2 epochs); a sequence-parallel group of
+    2 ranks whose ranks both account the same rows (one process here: the counts doubled) reports the same."""
+    rows = [{"sample_sources": [0, 0, 1], "records": 3} for _ in range(4)]
+    solo = DataStats(per_source_epochs=True)
+    solo.account(rows)
+    solo.source_records = [4, 2]
+    assert solo.epoch_report() == {"data/epoch": 2.0, "data/epoch/0": 2.0, "data/epoch/1": 2.0}
+    group = DataStats(per_source_epochs=True, sp_size=2)
+    group.account(rows + rows)  # both ranks' view of the same rows
+    group.source_records = [4, 2]
+    assert group.epoch_report() == solo.epoch_report()
+    assert group.skip_report(1, print)["data/records"] == solo.skip_report(1, print)["data/records"] == 12
